@@ -1,0 +1,183 @@
+"""Wren's one model format: a Hugging Face model directory.
+
+    config.json               stock architecture (Llama / Qwen2 / Mistral / Qwen2-MoE)
+    model.safetensors         stock tensor names
+    generation_config.json    eos / bos / pad ids
+    tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
+    trainer_state/            optional, written by the trainer for exact resume
+
+transformers and vLLM load it with no custom code; Wren loads its own directories and any
+Llama-, Mistral-, Qwen2- or Qwen2-MoE-shaped checkpoint written by someone else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wren.atomic import atomic_directory
+from wren.checkpoint.hf_config import UnsupportedConfig, config_from_hf, config_to_hf
+from wren.checkpoint.weights import read_weights, stock_to_wren, wren_to_stock, write_safetensors
+from wren.errors import WrenError
+from wren.model import CausalLM, ModelConfig
+from wren.model.rope import RotaryEmbedding
+
+__all__ = ["init_checkpoint", "load_model", "read_model_config", "save_checkpoint"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_checkpoint(
+    model: CausalLM,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `model` (and its tokenizer) as a Hugging Face directory, atomically.
+
+    `write_extra(staging_dir)` may add files (the trainer's state) inside the same atomic write.
+    """
+    config = model.config
+    state = model.state_dict()
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the stock format stores a tied matrix once
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    stored_dtype = dtype or next(model.parameters()).dtype
+    try:
+        hf_config = config_to_hf(config, dtype=_dtype_name(stored_dtype))
+    except UnsupportedConfig as exc:
+        raise WrenError(f"cannot save to {out_dir}: {exc}") from exc
+    generation = {
+        key: value
+        for key, value in (
+            ("bos_token_id", config.bos_token_id),
+            ("eos_token_id", config.eos_token_id),
+            ("pad_token_id", config.pad_token_id),
+        )
+        if value is not None
+    }
+    with atomic_directory(out_dir) as staging:
+        write_safetensors(wren_to_stock(state), staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        if write_extra is not None:
+            write_extra(staging)
+    return Path(out_dir)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint directory, from its config.json."""
+    config_path = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise WrenError(f"{path}: not a directory; expected a model directory with config.json")
+    try:
+        hf = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise WrenError(f"{config_path}: no such file; expected a Hugging Face model directory") from None
+    except ValueError as exc:
+        raise WrenError(f"{config_path}: invalid JSON ({exc})") from exc
+    try:
+        return config_from_hf(hf)
+    except UnsupportedConfig as exc:
+        raise WrenError(f"{config_path}: {exc}") from exc
+    except KeyError as exc:
+        raise WrenError(f"{config_path}: missing field {exc.args[0]!r}") from exc
+
+
+def stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype config.json declares (`torch_dtype`, or transformers 5's `dtype`), if any."""
+    hf = json.loads((Path(path) / "config.json").read_text())
+    return _DTYPES.get(hf.get("dtype") or hf.get("torch_dtype") or "")
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> CausalLM:
+    """Load a checkpoint directory into Wren's model, in eval mode.
+
+    dtype None keeps the dtype the weights are stored in.
+    """
+    path = Path(path)
+    config = read_model_config(path)
+    state = stock_to_wren(read_weights(path, allow_pickle=allow_pickle))
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    if dtype is None:
+        dtype = next(
+            (t.dtype for t in state.values() if t is not None and t.is_floating_point()), torch.float32
+        )
+
+    # Build on the meta device (no memory, no random init), then adopt the loaded tensors.
+    with torch.device("meta"):
+        model = CausalLM(config)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if v is not None}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise WrenError(f"{path}: weights do not match config.json ({_first_line(exc)})") from exc
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _materialise_buffers(model, config, device)
+    return model.eval()
+
+
+def _materialise_buffers(model: CausalLM, config: ModelConfig, device: str | torch.device) -> None:
+    """Re-create the non-persistent buffers the meta-device build left empty."""
+    with torch.device(device):
+        model.model.rotary_emb = RotaryEmbedding(config)
+    for module in model.modules():
+        if hasattr(module, "last_expert_load"):
+            module.last_expert_load = torch.zeros(config.n_experts, dtype=torch.long, device=device)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:3])
+
+
+def init_checkpoint(
+    preset: str,
+    tokenizer_path: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> CausalLM:
+    """A randomly initialised preset model sized to the tokenizer, saved with it as a checkpoint."""
+    from wren.model.config import PRESETS, preset_config
+    from wren.tokenizer import Tokenizer
+
+    if preset not in PRESETS:
+        raise WrenError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    # The vocabulary is the tokenizer's, whatever size the preset suggests.
+    values = dict(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    values.update(overrides or {})
+    try:
+        config = preset_config(preset, **values)
+    except (TypeError, ValueError) as exc:
+        raise WrenError(f"invalid model settings for preset {preset!r}: {exc}") from exc
+    torch.manual_seed(seed)
+    model = CausalLM(config)
+    save_checkpoint(model, out_dir, tokenizer=tokenizer)
+    return model

@@ -1,0 +1,1 @@
+"""Training data: MiniMind's JSONL formats, validation, tokenised shards, batching."""

@@ -1,0 +1,112 @@
+"""Reading JSON Lines files in MiniMind's formats, with errors that point at the bad line.
+
+This is the bottom floor: it imports only the standard library and `wren.errors`, so the
+tokenizer, the data pipeline and the evaluators can all share one reader.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from wren.errors import WrenError
+
+_BOM = "\ufeff"
+_JSON_KINDS = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, object) for every non-blank line of a JSON Lines file.
+
+    Lines are decoded one at a time, so a huge file is streamed and a bad byte or bad line is
+    reported with its own line number.
+    """
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise WrenError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise WrenError(f"{path}: is a directory; expected a .jsonl file") from None
+    except OSError as error:
+        raise WrenError(f"{path}: cannot read ({error.strerror}); expected a readable .jsonl file") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            text = _decode_line(raw, path, number)
+            if number == 1:
+                # Editors on Windows often start UTF-8 files with a byte-order mark.
+                text = text.removeprefix(_BOM)
+            if not text.strip():
+                continue
+            yield number, _parse_object(text, path, number)
+
+
+def _decode_line(raw: bytes, path: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise WrenError(
+            f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start} of the line); "
+            "expected UTF-8 text"
+        ) from None
+
+
+def _parse_object(text: str, path: Path, number: int) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        reason = f"{error.msg} at column {error.colno}"
+        where = f"{path}:{number}"
+        raise WrenError(f"{where}: invalid JSON ({reason}); expected one JSON object per line") from None
+    if not isinstance(value, dict):
+        raise WrenError(
+            f"{path}:{number}: found a JSON {_kind(value)}; expected a JSON object {{...}} on each line"
+        )
+    return value
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def row_texts(row: dict[str, Any], path: Path | str, line: int) -> list[str]:
+    """The training text in one row: `{"text": ...}` gives [text]; `{"conversations": [...]}` gives
+    each turn's content. `path` and `line` are only used to say where a bad row is."""
+    if "text" in row:
+        text = row["text"]
+        if not isinstance(text, str):
+            raise WrenError(f'{path}:{line}: "text" is a JSON {_kind(text)}; expected a string')
+        return [text]
+    if "conversations" in row:
+        return _conversation_texts(row["conversations"], path, line)
+    found = "keys " + ", ".join(sorted(row)) if row else "an empty object"
+    raise WrenError(f'{path}:{line}: found {found}; expected a "text" field or a "conversations" list')
+
+
+def _conversation_texts(turns: Any, path: Path | str, line: int) -> list[str]:
+    if not isinstance(turns, list):
+        raise WrenError(
+            f'{path}:{line}: "conversations" is a JSON {_kind(turns)}; '
+            'expected a "conversations" list of {"role", "content"} objects'
+        )
+    texts = []
+    for index, turn in enumerate(turns):
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if not isinstance(content, str):
+            raise WrenError(
+                f'{path}:{line}: conversations[{index}] has no string "content"; '
+                'expected {"role": ..., "content": "..."}'
+            )
+        texts.append(content)
+    return texts

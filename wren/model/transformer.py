@@ -1,0 +1,183 @@
+"""The decoder-only transformer: Llama's block, with an optional mixture-of-experts MLP.
+
+Module names follow Hugging Face's Llama / Qwen2-MoE layout (`model.layers.0.self_attn.q_proj`...),
+so a dense model's state dict *is* the stock checkpoint and needs no renaming table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wren.model.config import ModelConfig
+from wren.model.kv_cache import KVCache
+from wren.model.moe import Experts, MoE, SwiGLU
+from wren.model.rope import RotaryEmbedding, apply_rotary
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (batch, seq, vocab)
+    aux_loss: torch.Tensor  # MoE load-balancing loss, mean over MoE layers; 0 for dense models
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast, as the reference Llama does.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.dim, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, config.dim, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+
+        if positions is None:
+            # A fresh sequence from position 0: no mask tensor, the fused kernels' fastest path.
+            mask = self._window_mask(seq, x.device) if self.sliding_window else None
+        elif cache is None:
+            mask = self._position_mask(positions, positions)
+        else:
+            span = int(positions.max()) + 1
+            k, v = cache.update(self.layer, positions, k, v, span)
+            mask = self._position_mask(positions, torch.arange(span, device=x.device).expand(batch, span))
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _position_mask(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, q, k) boolean mask: a query sees keys at its own position or before."""
+        q = query_positions[:, None, :, None]
+        k = key_positions[:, None, None, :]
+        mask = k <= q
+        if self.sliding_window:
+            mask &= k > q - self.sliding_window
+        return mask
+
+    def _window_mask(self, seq: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(seq, device=device)[None]
+        return self._position_mask(positions, positions)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.dim, config.ffn_dim)
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, rotary, positions, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, positions, cache)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, aux_loss = self.mlp(h)
+            return x + out, aux_loss
+        return x + self.mlp(h), None
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """Token ids in, next-token logits out.
+
+    `forward(ids)` is the training path (a causal pass from position 0). Pass `positions` to place
+    tokens explicitly and `cache` to read and extend a KV cache: decoding one token at a time then
+    yields the same logits as one full pass.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # Scale residual-branch outputs so the residual stream's variance does not grow with depth.
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            for weight in (module.gate_proj, module.up_proj, module.down_proj):
+                nn.init.normal_(weight, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        if cache is not None and positions is None:
+            raise ValueError("a KV cache needs explicit positions")
+        x = self.model.embed_tokens(input_ids)
+        rotary_positions = positions
+        if rotary_positions is None:
+            rotary_positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        rotary = self.model.rotary_emb(rotary_positions, x.dtype)
+        aux_losses = []
+        for layer in self.model.layers:
+            x, aux_loss = layer(x, rotary, positions, cache)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
+        logits = self.lm_head(self.model.norm(x))
+        aux = torch.stack(aux_losses).mean() if aux_losses else logits.new_zeros(())
+        return ModelOutput(logits, aux)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied embeddings counted once)."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+        return total
