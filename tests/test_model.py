@@ -180,3 +180,18 @@ def test_moe_layer_step_and_dense_layers_mix_block_types():
 def test_invalid_head_counts_are_rejected():
     with pytest.raises(ValueError, match="multiple"):
         tiny(n_heads=4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize(
+    "config", [tiny(), moe_config(), tiny(sliding_window=4)], ids=["dense", "moe", "window"]
+)
+def test_packed_documents_do_not_see_each_other(config):
+    model = build(config)
+    docs = [torch.randint(0, 97, (n,)) for n in (7, 5, 9)]
+    packed = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    with torch.no_grad():
+        together = model(packed, positions=positions, document_ids=document_ids).logits[0]
+        alone = torch.cat([model(d[None]).logits[0] for d in docs])
+    assert (together - alone).abs().max() < 1e-5

@@ -43,7 +43,6 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.sliding_window = config.sliding_window
         q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.dim, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
@@ -54,42 +53,63 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor | None,
-        cache: KVCache | None,
+        mask: torch.Tensor | None,
+        cache: CacheWrite | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-
-        if positions is None:
-            # A fresh sequence from position 0: no mask tensor, the fused kernels' fastest path.
-            mask = self._window_mask(seq, x.device) if self.sliding_window else None
-        elif cache is None:
-            mask = self._position_mask(positions, positions)
-        else:
-            span = int(positions.max()) + 1
-            k, v = cache.update(self.layer, positions, k, v, span)
-            mask = self._position_mask(positions, torch.arange(span, device=x.device).expand(batch, span))
-
+        if cache is not None:
+            k, v = cache.cache.update(self.layer, cache.positions, k, v, cache.span)
+        # No mask means a fresh causal sequence: SDPA's is_causal path, the fused kernels' fastest.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
-    def _position_mask(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, q, k) boolean mask: a query sees keys at its own position or before."""
-        q = query_positions[:, None, :, None]
-        k = key_positions[:, None, None, :]
-        mask = k <= q
-        if self.sliding_window:
-            mask &= k > q - self.sliding_window
-        return mask
 
-    def _window_mask(self, seq: int, device: torch.device) -> torch.Tensor:
+class CacheWrite(NamedTuple):
+    """Where this forward pass writes into the KV cache, and how much of it attention reads."""
+
+    cache: KVCache
+    positions: torch.Tensor
+    span: int
+
+
+def attention_mask(
+    seq: int,
+    positions: torch.Tensor | None,
+    span: int | None,
+    document_ids: torch.Tensor | None,
+    sliding_window: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The (batch, 1, queries, keys) boolean mask for one forward pass, or None for plain causal.
+
+    - packed documents (document_ids): causal within each document, nothing across documents;
+    - with a cache (span): a query at position p sees cache slots 0..p;
+    - explicit positions: a query at position p sees the tokens of this pass at positions <= p.
+    """
+    if document_ids is not None:
+        index = torch.arange(seq, device=device)
+        mask = (document_ids[:, :, None] == document_ids[:, None, :]) & (
+            index[None, None, :] <= index[None, :, None]
+        )
+        if sliding_window and positions is not None:
+            mask &= positions[:, None, :] > positions[:, :, None] - sliding_window
+        return mask[:, None]
+    if positions is None:
+        if not sliding_window:
+            return None
         positions = torch.arange(seq, device=device)[None]
-        return self._position_mask(positions, positions)
+    key_positions = positions if span is None else torch.arange(span, device=device)[None]
+    q, k = positions[:, None, :, None], key_positions[:, None, None, :]
+    mask = k <= q
+    if sliding_window:
+        mask &= k > q - sliding_window
+    return mask
 
 
 class DecoderLayer(nn.Module):
@@ -100,8 +120,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, rotary, positions, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, positions, cache)
+    def forward(self, x, rotary, mask, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux_loss = self.mlp(h)
@@ -157,17 +177,35 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """input_ids (batch, seq). positions (batch, seq) place tokens explicitly (needed with a
+        cache). document_ids (batch, seq) mark packed documents that must not see each other; pass
+        positions restarting at 0 for each document with them."""
+        seq = input_ids.shape[1]
         if cache is not None and positions is None:
             raise ValueError("a KV cache needs explicit positions")
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids are for packed training batches, not for a KV cache")
+        cache_write = None
+        if cache is not None:
+            cache_write = CacheWrite(cache, positions, int(positions.max()) + 1)
+        mask = attention_mask(
+            seq,
+            positions,
+            cache_write.span if cache_write else None,
+            document_ids,
+            self.config.sliding_window,
+            input_ids.device,
+        )
         x = self.model.embed_tokens(input_ids)
-        rotary_positions = positions
-        if rotary_positions is None:
-            rotary_positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        rotary_positions = (
+            positions if positions is not None else torch.arange(seq, device=input_ids.device)[None]
+        )
         rotary = self.model.rotary_emb(rotary_positions, x.dtype)
         aux_losses = []
         for layer in self.model.layers:
-            x, aux_loss = layer(x, rotary, positions, cache)
+            x, aux_loss = layer(x, rotary, mask, cache_write)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         logits = self.lm_head(self.model.norm(x))
