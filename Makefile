@@ -18,10 +18,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 quickstart: $(BIN)/.installed
-	$(BIN)/wren data demo --out $(OUT)/pretrain.jsonl
-	$(BIN)/wren tokenizer train $(OUT)/pretrain.jsonl --vocab-size 2048 --out $(OUT)/tokenizer
-	$(BIN)/wren model init --preset micro --tokenizer $(OUT)/tokenizer --out $(OUT)/model
-	$(BIN)/wren model info $(OUT)/model
+	$(BIN)/wren quickstart --out $(OUT)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

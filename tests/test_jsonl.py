@@ -59,6 +59,12 @@ def test_invalid_json_names_file_and_line(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
+def test_a_line_cut_short_is_reported_at_its_own_end(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "cut.jsonl", ['{"text": "ok"}', '{"conversations": ['])
+    with pytest.raises(WrenError, match=r"cut\.jsonl:2: invalid JSON \(Expecting value at column 20\)"):
+        list(iter_jsonl(path))
+
+
 @pytest.mark.parametrize(("line", "kind"), [("[1, 2]", "array"), ('"text"', "string"), ("3", "number")])
 def test_non_object_line_names_file_and_line(tmp_path: Path, line: str, kind: str) -> None:
     path = write_lines(tmp_path / "a.jsonl", ['{"a": 1}', line])

@@ -14,6 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _use_default_mode(path: Path, directory: bool) -> None:
+    """tempfile creates private (0600 / 0700) entries; give them the mode a plain open() or
+    mkdir() would, so a checkpoint can be read by the other users and services that would read it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -32,6 +44,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        _use_default_mode(staging, directory=True)
         yield staging
         _fsync_tree(staging)
         old = None
@@ -51,6 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        _use_default_mode(Path(tmp), directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,11 +55,126 @@ def _cmd_model_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from wren.data.formats import check_files, format_check_report
+
+    tokenizer = None
+    if args.tokenizer:
+        from wren.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(args.tokenizer)
+    report = check_files([Path(p) for p in args.files], kind=args.kind, tokenizer=tokenizer)
+    print(format_check_report(report))
+    return 0 if report.ok else 1
+
+
 def _cmd_data_demo(args: argparse.Namespace) -> None:
-    from wren.data.demo import write_demo_pretrain
+    from wren.data.demo import write_demo_pretrain, write_demo_sft
 
     rows = write_demo_pretrain(args.out, max_bytes=int(args.max_mb * 1_000_000))
     print(f"{rows:,} documents written to {args.out}")
+    if args.sft:
+        conversations = write_demo_sft(args.sft)
+        print(f"{conversations:,} conversations written to {args.sft}")
+
+
+# Training options that map one-to-one onto TrainConfig fields: (field, type, help).
+_TRAIN_OPTIONS = [
+    ("seq_len", int, "tokens per training sequence (default 512)"),
+    ("batch_size", int, "sequences per device per micro-step (default 32)"),
+    ("grad_accum", int, "micro-steps per optimizer step (default 1)"),
+    ("max_steps", int, "optimizer steps to train for (default 1000)"),
+    ("lr", float, "peak learning rate (default 5e-4)"),
+    ("min_lr_ratio", float, "final learning rate as a fraction of the peak (default 0.1)"),
+    ("warmup_steps", int, "linear warmup steps (default 100)"),
+    ("schedule", str, "cosine, wsd (warmup-stable-decay) or constant (default cosine)"),
+    ("weight_decay", float, "AdamW weight decay (default 0.1)"),
+    ("grad_clip", float, "gradient norm clip (default 1.0)"),
+    ("aux_loss_coef", float, "MoE load-balancing loss weight (default: the model's)"),
+    ("eval_every", int, "validate every N steps (default 200)"),
+    ("eval_batches", int, "validation batches per evaluation (default 20)"),
+    ("save_every", int, "checkpoint every N steps (default 500)"),
+    ("keep_last", int, "checkpoints to keep (default 2)"),
+    ("log_every", int, "log every N steps (default 10)"),
+    ("seed", int, "random seed (default 0)"),
+    ("device", str, "auto, cpu, cuda, cuda:1 ... (default auto)"),
+    ("dtype", str, "auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16"),
+    ("val_fraction", float, "share of rows held out for validation, by row hash (default 0.01)"),
+    ("workers", int, "tokenisation processes (default: CPU count, at most 8)"),
+    ("cache_dir", str, "where tokenised data is cached (default <out>/data-cache)"),
+    ("logger", str, "tensorboard, wandb or none (default tensorboard)"),
+    ("wandb_project", str, "Weights & Biases project name"),
+]
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from wren.train.config import resolve_config
+    from wren.train.loop import Trainer
+
+    overrides = {name: getattr(args, name) for name, _, _ in _TRAIN_OPTIONS}
+    overrides.update(
+        objective=args.objective,
+        data=args.data,
+        out_dir=args.out_dir,
+        init=args.init,
+        preset=args.preset,
+        tokenizer=args.tokenizer,
+        compile=args.compile,
+        fsdp=args.fsdp,
+        skip_bad_lines=args.skip_bad_lines or None,
+        model_overrides=dict(args.set) or None,
+    )
+    config = resolve_config(args.config, **overrides)
+    Trainer(config, resume=args.resume).run()
+
+
+def _add_train_verb(verbs, objective: str, description: str) -> None:
+    parser = verbs.add_parser(objective, help=description, description=description)
+    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override it)")
+    parser.add_argument("--data", nargs="+", help="JSONL files or directories")
+    parser.add_argument("--out", dest="out_dir", help=f"run directory (default runs/{objective})")
+    parser.add_argument("--init", help="start from this checkpoint directory")
+    parser.add_argument("--preset", help="start from a fresh preset model (micro, small, base, moe)")
+    parser.add_argument("--tokenizer", help="tokenizer directory, with --preset")
+    for name, kind, text in _TRAIN_OPTIONS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile (default: on GPU)",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="under torchrun, shard weights, gradients and optimizer state across processes (FSDP2) "
+        "instead of replicating the model in each (DDP)",
+    )
+    parser.add_argument("--skip-bad-lines", action="store_true", help="skip invalid rows instead of stopping")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument(
+        "--set",
+        type=_parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model setting of a fresh preset, e.g. --set n_layers=2 (repeatable)",
+    )
+    parser.set_defaults(func=_cmd_train, objective=objective)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from wren.quickstart import QuickstartPlan, next_steps, run_quickstart
+
+    plan = QuickstartPlan()
+    if args.pretrain_steps is not None:
+        plan.pretrain_steps = args.pretrain_steps
+    if args.sft_steps is not None:
+        plan.sft_steps = args.sft_steps
+    model_dir = run_quickstart(args.out, data_dir=args.data, plan=plan)
+    wren = "wren" if Path(sys.argv[0]).name == "wren" else f"{shlex.quote(sys.executable)} -m wren"
+    print(next_steps(model_dir, wren))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,18 +235,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", required=True, help="JSONL file to write")
     demo.add_argument("--max-mb", type=float, default=4.0, help="approximate size cap in MB (default 4)")
+    demo.add_argument("--sft", metavar="FILE", help="also write demo conversations (SFT JSONL) to FILE")
     demo.set_defaults(func=_cmd_data_demo)
+    check = data_verbs.add_parser(
+        "check",
+        help="validate JSONL training data",
+        description="Count rows, measure lengths (and tokens, with --tokenizer), and list every problem "
+        "as file:line. Exits 1 when any row is invalid.",
+    )
+    check.add_argument("files", nargs="+", help="JSONL files or directories of *.jsonl")
+    check.add_argument(
+        "--kind", choices=["pretrain", "sft", "preference"], help="expected format (default: detect)"
+    )
+    check.add_argument("--tokenizer", help="tokenizer directory, for token statistics")
+    check.set_defaults(func=_cmd_data_check)
+    quickstart = verbs.add_parser(
+        "quickstart",
+        help="train a tiny chat model end to end, offline",
+        description="Demo corpus (or --data) -> tokenizer -> micro pretraining -> SFT -> sample replies.",
+    )
+    quickstart.add_argument(
+        "--out", default="quickstart-out", help="directory for everything (default quickstart-out)"
+    )
+    quickstart.add_argument("--data", help='a directory of JSONL: {"text"} files and {"conversations"} files')
+    quickstart.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 300)")
+    quickstart.add_argument("--sft-steps", type=int, help="SFT steps (default 150)")
+    quickstart.set_defaults(func=_cmd_quickstart)
+
+    train_parser = verbs.add_parser("train", help="train a model (pretraining, SFT)")
+    train_verbs = train_parser.add_subparsers(dest="action", metavar="OBJECTIVE", required=True)
+    _add_train_verb(train_verbs, "pretrain", 'Pretrain on {"text"} JSONL: packed documents, next-token loss.')
+    _add_train_verb(
+        train_verbs,
+        "sft",
+        'Supervised fine-tuning on {"conversations"} JSONL: loss on assistant replies only.',
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except WrenError as exc:
         print(f"wren: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wren: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

@@ -42,13 +42,24 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
         raise WrenError(f"{path}: cannot read ({error.strerror}); expected a readable .jsonl file") from None
     with handle:
         for number, raw in enumerate(handle, start=1):
-            text = _decode_line(raw, path, number)
-            if number == 1:
-                # Editors on Windows often start UTF-8 files with a byte-order mark.
-                text = text.removeprefix(_BOM)
-            if not text.strip():
-                continue
-            yield number, _parse_object(text, path, number)
+            parsed = parse_jsonl_line(raw, path, number)
+            if parsed is not None:
+                yield number, parsed[1]
+
+
+def parse_jsonl_line(raw: bytes, path: Path, number: int) -> tuple[str, dict[str, Any]] | None:
+    """One line of a JSON Lines file: (its text without surrounding whitespace, the object), or
+    None for a blank line. A bad line raises WrenError starting with `path:number: `, so callers
+    that want to go on past bad lines (`wren data check`) get the same messages as iter_jsonl."""
+    text = _decode_line(raw, path, number)
+    if number == 1:
+        # Editors on Windows often start UTF-8 files with a byte-order mark.
+        text = text.removeprefix(_BOM)
+    if not text.strip():
+        return None
+    # Leading whitespace is kept so a bad line's column numbers match what an editor shows; the
+    # line break is dropped so a line cut short is reported on its own line, not on the next.
+    return text.strip(), _parse_object(text.rstrip("\r\n"), path, number)
 
 
 def _decode_line(raw: bytes, path: Path, number: int) -> str:
