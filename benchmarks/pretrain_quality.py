@@ -22,19 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from tokenize_throughput import head  # the benchmarks folder is on sys.path when run as a script
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
 DEFAULT_CORPORA = [SHARED / "gutenberg_en.jsonl", SHARED / "chinese_poetry.jsonl"]
-
-
-def head(source: Path, target: Path, megabytes: float) -> Path:
-    limit, written = int(megabytes * 1e6), 0
-    with source.open("rb") as reader, target.open("wb") as writer:
-        for line in reader:
-            if written + len(line) > limit:
-                break
-            writer.write(line)
-            written += len(line)
-    return target
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ tokenizer, the data pipeline and the evaluators can all share one reader.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,24 @@ _JSON_KINDS = {
     bool: "boolean",
     type(None): "null",
 }
+
+
+def expand_paths(paths: Iterable[Path | str]) -> list[Path]:
+    """Files as given; each directory replaced by the *.jsonl files inside it, sorted by name."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise WrenError(f"{path}: directory has no .jsonl files; expected JSON Lines data")
+            expanded.extend(found)
+        elif path.is_file():
+            expanded.append(path)
+        else:
+            raise WrenError(f"{path}: no such file or directory")
+    if not expanded:
+        raise WrenError("no data files given; expected one or more .jsonl files or directories")
+    return expanded
 
 
 def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:

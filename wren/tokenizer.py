@@ -22,7 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from wren.atomic import atomic_write_text
 from wren.errors import WrenError
-from wren.jsonl import iter_jsonl, row_texts
+from wren.jsonl import expand_paths, iter_jsonl, row_texts
 
 # MiniMind uses the same three special tokens with the same ids, so its data and checkpoints line up.
 ENDOFTEXT = "<|endoftext|>"
@@ -553,7 +553,7 @@ def train_tokenizer(
             f"vocab_size {vocab_size} is too small; expected at least {MIN_VOCAB_SIZE} "
             f"({BYTE_ALPHABET_SIZE} bytes + {len(RESERVED_TOKENS)} reserved tokens + 1 merge)"
         )
-    paths = _expand_inputs(files)
+    paths = expand_paths(files)
     backend = _new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -583,25 +583,6 @@ def _new_byte_level_bpe() -> _Backend:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return backend
-
-
-def _expand_inputs(files: Iterable[Path | str]) -> list[Path]:
-    """Files as given; directories replaced by their *.jsonl files in sorted order. Checked up
-    front so a typo fails before minutes of training, not after."""
-    paths: list[Path] = []
-    for item in map(Path, files):
-        if item.is_dir():
-            found = sorted(item.glob("*.jsonl"))
-            if not found:
-                raise WrenError(f"{item}: directory has no .jsonl files; expected JSON Lines training data")
-            paths.extend(found)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise WrenError(f"{item}: no such file")
-    if not paths:
-        raise WrenError("no training files given; expected one or more .jsonl files or directories")
-    return paths
 
 
 def _corpus_texts(paths: list[Path]) -> Iterator[str]:

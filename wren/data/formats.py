@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from wren.data.report import CheckReport, FileReport, Problem, format_check_report
 from wren.errors import WrenError
-from wren.jsonl import parse_jsonl_line
+from wren.jsonl import expand_paths, parse_jsonl_line
 
 if TYPE_CHECKING:
     from wren.tokenizer import Tokenizer
@@ -162,24 +162,6 @@ class SkipCounter:
         self.count += 1
         if len(self.examples) < _MAX_SKIP_EXAMPLES:
             self.examples.append(problem)
-
-
-def expand_paths(paths: Iterable[Path | str]) -> list[Path]:
-    """Files as given; each directory replaced by the *.jsonl files inside it, sorted by name."""
-    expanded: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(path.glob("*.jsonl"))
-            if not found:
-                raise WrenError(f"{path}: directory has no .jsonl files; expected JSON Lines data")
-            expanded.extend(found)
-        elif path.is_file():
-            expanded.append(path)
-        else:
-            raise WrenError(f"{path}: no such file or directory")
-    if not expanded:
-        raise WrenError("no data files given; expected one or more .jsonl files or directories")
-    return expanded
 
 
 def iter_rows(
