@@ -107,11 +107,41 @@ _TRAIN_OPTIONS = [
 ]
 
 
+def _layer_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# Settings of one objective only, offered on its own verb.
+_OBJECTIVE_OPTIONS = {
+    "lora": [
+        ("lora_rank", int, "adapter rank (default 8)"),
+        ("lora_alpha", float, "adapter scale numerator: updates are scaled by alpha / rank (default 16)"),
+        ("lora_dropout", float, "dropout on the adapter input (default 0)"),
+        ("lora_targets", _layer_list, "comma-separated layers (default q,k,v,o,gate,up,down _proj)"),
+    ],
+    "dpo": [
+        ("dpo_beta", float, "DPO temperature beta (default 0.1)"),
+        ("dpo_label_smoothing", float, "conservative DPO label smoothing (default 0)"),
+        ("reference", str, "frozen reference model (default: the --init checkpoint)"),
+    ],
+    "distill": [
+        ("teacher", str, "teacher checkpoint, with the same tokenizer (required)"),
+        ("distill_alpha", float, "weight of the cross-entropy; 1 - alpha goes to the KL (default 0.5)"),
+        ("distill_temperature", float, "softmax temperature for the KL (default 1)"),
+        ("teacher_dtype", str, "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16"),
+    ],
+    "reason": [
+        ("think_tag_weight", float, "loss weight of <think> and </think> tokens (default 10)"),
+    ],
+}
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from wren.train.config import resolve_config
     from wren.train.loop import Trainer
 
-    overrides = {name: getattr(args, name) for name, _, _ in _TRAIN_OPTIONS}
+    options = _TRAIN_OPTIONS + _OBJECTIVE_OPTIONS.get(args.objective, [])
+    overrides = {name: getattr(args, name) for name, _, _ in options}
     overrides.update(
         objective=args.objective,
         data=args.data,
@@ -136,7 +166,7 @@ def _add_train_verb(verbs, objective: str, description: str) -> None:
     parser.add_argument("--init", help="start from this checkpoint directory")
     parser.add_argument("--preset", help="start from a fresh preset model (micro, small, base, moe)")
     parser.add_argument("--tokenizer", help="tokenizer directory, with --preset")
-    for name, kind, text in _TRAIN_OPTIONS:
+    for name, kind, text in _TRAIN_OPTIONS + _OBJECTIVE_OPTIONS.get(objective, []):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
     parser.add_argument(
         "--compile",
@@ -262,13 +292,33 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--sft-steps", type=int, help="SFT steps (default 150)")
     quickstart.set_defaults(func=_cmd_quickstart)
 
-    train_parser = verbs.add_parser("train", help="train a model (pretraining, SFT)")
+    train_parser = verbs.add_parser("train", help="train a model (pretrain, sft, lora, dpo, distill, reason)")
     train_verbs = train_parser.add_subparsers(dest="action", metavar="OBJECTIVE", required=True)
     _add_train_verb(train_verbs, "pretrain", 'Pretrain on {"text"} JSONL: packed documents, next-token loss.')
     _add_train_verb(
         train_verbs,
         "sft",
         'Supervised fine-tuning on {"conversations"} JSONL: loss on assistant replies only.',
+    )
+    _add_train_verb(
+        train_verbs,
+        "lora",
+        "SFT with low-rank adapters on a frozen model; saves a PEFT adapter directory.",
+    )
+    _add_train_verb(
+        train_verbs,
+        "dpo",
+        'Direct preference optimisation on {"chosen", "rejected"} JSONL, against a frozen reference.',
+    )
+    _add_train_verb(
+        train_verbs,
+        "distill",
+        "Distil a teacher's token distributions into the --init student (KL mixed with cross-entropy).",
+    )
+    _add_train_verb(
+        train_verbs,
+        "reason",
+        "Reasoning SFT on conversations whose replies hold <think>...</think> then the answer.",
     )
     return parser
 

@@ -14,7 +14,10 @@ from typing import Any
 
 from wren.errors import WrenError
 
-OBJECTIVES = ("pretrain", "sft")
+OBJECTIVES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
+# Objectives that refine an existing model: they need --init, not a fresh preset.
+FROM_CHECKPOINT = ("lora", "dpo", "distill", "reason")
+LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("cosine", "wsd", "constant")
 LOGGERS = ("tensorboard", "wandb", "none")
 
@@ -66,6 +69,23 @@ class TrainConfig:
     logger: str = "tensorboard"
     wandb_project: str | None = None
 
+    # LoRA (`wren train lora`): adapters on these linear layers of every decoder layer.
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_LAYERS))
+    # DPO (`wren train dpo`): the frozen reference is `reference`, or the starting checkpoint.
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0
+    reference: str | None = None
+    # Distillation (`wren train distill`): loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student).
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 1.0
+    teacher_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    # Reasoning SFT (`wren train reason`): loss weight of the <think> / </think> tag tokens.
+    think_tag_weight: float = 10.0
+
     def validate(self) -> None:
         def bad(message: str) -> WrenError:
             return WrenError(f"training config: {message}")
@@ -82,6 +102,17 @@ class TrainConfig:
             raise bad("say what to train: --init CHECKPOINT, or --preset NAME with --tokenizer DIR")
         if self.init is not None and self.preset is not None:
             raise bad("--init and --preset are exclusive: a checkpoint already has its shape")
+        if self.objective in FROM_CHECKPOINT and self.init is None:
+            raise bad(f"{self.objective} refines a trained model; pass --init CHECKPOINT")
+        if self.objective == "distill" and self.teacher is None:
+            raise bad("distillation needs --teacher CHECKPOINT (a model with the same tokenizer)")
+        unknown_layers = sorted(set(self.lora_targets) - set(LORA_LAYERS))
+        if unknown_layers or not self.lora_targets:
+            raise bad(f"lora_targets {unknown_layers or '[]'}; expected some of {', '.join(LORA_LAYERS)}")
+        if self.lora_rank < 1:
+            raise bad(f"lora_rank must be at least 1, got {self.lora_rank}")
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            raise bad("distill_alpha must be in [0, 1] and distill_temperature positive")
         for name in (
             "seq_len",
             "batch_size",

@@ -25,11 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from wren.atomic import atomic_directory, atomic_write_text
-from wren.checkpoint import load_model, save_checkpoint
 from wren.errors import WrenError
-from wren.model import CausalLM, preset_config
-from wren.model.config import PRESETS
-from wren.tokenizer import Tokenizer
 from wren.train import distributed as dist_utils
 from wren.train.config import TrainConfig
 from wren.train.metrics import MetricsLogger
@@ -46,29 +42,6 @@ from wren.train.state import (
     restore_rng,
     write_state,
 )
-
-
-def _build_model(config: TrainConfig) -> tuple[CausalLM, Tokenizer]:
-    """The starting model, fp32 on the CPU: a checkpoint, or a freshly initialised preset."""
-    if config.init is not None:
-        return load_model(config.init, dtype=torch.float32), Tokenizer.load(config.init)
-    if config.preset not in PRESETS:
-        raise WrenError(f"unknown preset {config.preset!r}; expected one of {', '.join(PRESETS)}")
-    tokenizer = Tokenizer.load(config.tokenizer)
-    values = dict(
-        vocab_size=tokenizer.vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.stop_token_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        max_seq_len=max(config.seq_len, PRESETS[config.preset].get("max_seq_len", 2048)),
-    )
-    values.update(config.model_overrides)
-    try:
-        model_config = preset_config(config.preset, **values)
-    except (TypeError, ValueError) as exc:
-        raise WrenError(f"invalid model settings: {exc}") from exc
-    torch.manual_seed(config.seed)
-    return CausalLM(model_config), tokenizer
 
 
 class Trainer:
@@ -113,13 +86,8 @@ class Trainer:
                 f"{self.checkpoints_dir}: already holds checkpoints; pass --resume to continue that run, "
                 "or choose another --out"
             )
-        if resume_from is not None:
-            self.model, self.tokenizer = (
-                load_model(resume_from, dtype=torch.float32),
-                Tokenizer.load(resume_from),
-            )
-        else:
-            self.model, self.tokenizer = _build_model(config)
+        self.objective: Objective = make_objective(config, self.device)
+        self.model, self.tokenizer = self.objective.build_model(resume_from)
         if config.aux_loss_coef is not None:
             self.model.config.aux_loss_coef = config.aux_loss_coef
         if config.fsdp and not env.is_distributed:
@@ -130,24 +98,16 @@ class Trainer:
             dist_utils.shard_model(self.model, env, bf16=self.use_bf16 and self.device.type == "cuda")
         else:
             self.model.to(self.device)
+        self.objective.setup(self.model)
 
-        self.objective: Objective = make_objective(
-            config.objective,
-            val_fraction=config.val_fraction,
-            skip_bad_lines=config.skip_bad_lines,
-            workers=config.workers,
-            device=self.device,
-        )
         cache_dir = Path(config.cache_dir) if config.cache_dir else self.out_dir / "data-cache"
         if env.is_main:
-            self._log(self.objective.prepare(config.data, self.tokenizer, cache_dir, is_main=True))
+            self._log(self.objective.prepare(self.tokenizer, cache_dir, is_main=True))
         dist_utils.barrier(env)
         if not env.is_main:
-            self.objective.prepare(config.data, self.tokenizer, cache_dir, is_main=False)
+            self.objective.prepare(self.tokenizer, cache_dir, is_main=False)
 
-        self.batches = self.objective.train_batches(
-            config.batch_size, config.seq_len, config.seed, env.rank, env.world_size
-        )
+        self.batches = self.objective.train_batches(env.rank, env.world_size)
         # After sharding: the optimizer must hold the sharded parameters, and its moments are shards.
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.step, self.tokens_seen = 0, 0
@@ -194,11 +154,11 @@ class Trainer:
             model, optimizer_state = self.model, self.optimizer.state_dict()
         if self.env.is_main:
             progress = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.batches.state_dict()}
-            save_checkpoint(
+            self.objective.save(
                 model,
+                self.tokenizer,
                 target,
-                tokenizer=self.tokenizer,
-                write_extra=lambda staging: write_state(staging, optimizer_state, progress),
+                lambda staging: write_state(staging, optimizer_state, progress),
             )
         dist_utils.barrier(self.env)
 
@@ -212,13 +172,9 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
         with self.autocast:
-            result = self.objective.evaluate(
-                self.model, self.config.batch_size, self.config.seq_len, self.config.eval_batches
-            )
+            metrics = self.objective.evaluate(self.model)
         self.model.train()
-        if result is None:
-            return {}
-        return {"val/loss": result.loss, "val/bpb": result.bits_per_byte}
+        return metrics
 
     def _no_sync(self, last: bool):
         """Gradients are summed across ranks once per optimizer step: skip the all-reduce (DDP) or
@@ -251,6 +207,7 @@ class Trainer:
         aux_coef = self.model.config.aux_loss_coef if self.model.config.is_moe else 0.0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         aux_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             with self._no_sync(last=index == len(micro_batches) - 1):
                 with self.autocast:
@@ -260,6 +217,8 @@ class Trainer:
                 loss.backward()
             loss_sum += result.loss_sum.detach().double()
             aux_sum += result.aux_loss.detach().float()
+            for name, value in result.metric_sums.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
         mean_loss = float(dist_utils.all_reduce_sum(loss_sum, env)) / max(global_count, 1.0)
         if not math.isfinite(mean_loss):
             raise WrenError(
@@ -276,6 +235,9 @@ class Trainer:
         self.step += 1
         self.tokens_seen += int(global_count)
         metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": float(grad_norm)}
+        for name in sorted(metric_sums):  # the same order on every rank: these are collectives
+            total = dist_utils.all_reduce_sum(metric_sums[name].reshape(()).to(self.device), env)
+            metrics[f"train/{name}"] = float(total) / max(global_count, 1.0)
         if self.model.config.is_moe:
             metrics["train/aux_loss"] = float(aux_sum) / len(micro_batches)
             for layer_index, layer in enumerate(self.model.model.layers):
@@ -331,10 +293,8 @@ class Trainer:
                         logger.log(self.step, metrics)
                     progress.update(self.step, metrics["train/loss"], tokens_per_second)
                     if evaluated:
-                        progress.message(
-                            f"step {self.step}: val loss {evaluated['val/loss']:.4f}, "
-                            f"val bpb {evaluated['val/bpb']:.4f}"
-                        )
+                        shown = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in evaluated.items())
+                        progress.message(f"step {self.step}: validation {shown}")
                 if self.step % config.save_every == 0 and self.step < config.max_steps:
                     self._save_step_checkpoint()
                 if self.step % config.log_every == 0:

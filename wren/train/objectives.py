@@ -1,25 +1,33 @@
 """Objectives: what differs between kinds of training is the data and the loss, nothing else.
 
 An objective turns JSONL files into an endless, resumable stream of batches and a batch into a
-summed loss plus the count it should be averaged over. The loop (loop.py) owns everything else:
-devices, precision, accumulation, the schedule, checkpoints, resume, logging and progress.
-Later objectives (LoRA, DPO, distillation, reasoning SFT) implement the same three methods.
+summed loss plus the count it should be averaged over; where it needs to, it also builds the
+model (LoRA adapters), loads a second one (a DPO reference, a distillation teacher) and decides
+what a checkpoint holds. The loop (loop.py) owns everything else: devices, precision,
+accumulation, the schedule, checkpoints, resume, logging and progress.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from wren.checkpoint import load_model, save_checkpoint
 from wren.data.batching import Batch, PackedSFTBatches, PretrainBatches, eval_batches
 from wren.data.bpb import token_byte_lengths
-from wren.data.shards import prepare_datasets
+from wren.data.shards import PreparedData, prepare_datasets
+from wren.errors import WrenError
+from wren.model import CausalLM, preset_config
+from wren.model.config import PRESETS
 from wren.tokenizer import Tokenizer
+from wren.train.config import TrainConfig
 
 
 @dataclass
@@ -27,31 +35,89 @@ class LossResult:
     loss_sum: torch.Tensor  # summed over the batch's units (target tokens, for language modelling)
     count: int  # how many units loss_sum adds up
     aux_loss: torch.Tensor  # MoE load-balancing loss (0 for dense models), scaled by the loop
-    metrics: dict[str, float] = field(default_factory=dict)
+    # Further quantities to log, each summed over the same units as loss_sum: the loop adds them
+    # up over micro-batches and ranks and divides by the global count, as it does the loss.
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
-class EvalResult:
-    loss: float  # mean nats per target token
-    bits_per_byte: float  # comparable across tokenizers
+def initial_model(config: TrainConfig) -> tuple[CausalLM, Tokenizer]:
+    """The starting model, fp32 on the CPU: a checkpoint, or a freshly initialised preset."""
+    if config.init is not None:
+        return load_model(config.init, dtype=torch.float32), Tokenizer.load(config.init)
+    if config.preset not in PRESETS:
+        raise WrenError(f"unknown preset {config.preset!r}; expected one of {', '.join(PRESETS)}")
+    tokenizer = Tokenizer.load(config.tokenizer)
+    values = dict(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.stop_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        max_seq_len=max(config.seq_len, PRESETS[config.preset].get("max_seq_len", 2048)),
+    )
+    values.update(config.model_overrides)
+    try:
+        model_config = preset_config(config.preset, **values)
+    except (TypeError, ValueError) as exc:
+        raise WrenError(f"invalid model settings: {exc}") from exc
+    torch.manual_seed(config.seed)
+    return CausalLM(model_config), tokenizer
 
 
-class Objective(Protocol):
-    name: str
+class Objective:
+    """What one kind of training trains on and minimises. The defaults suit training a whole
+    model; LoRA, DPO and distillation override the hooks they need.
 
-    def prepare(self, paths: list[str], tokenizer: Tokenizer, cache_dir: Path, *, is_main: bool) -> str:
+    The loop calls, in order: build_model, (moves the model to its device), setup, prepare,
+    train_batches; then count and loss for every micro-batch, evaluate every eval_every steps,
+    and save for every checkpoint.
+    """
+
+    name = ""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+
+    def build_model(self, resume_from: Path | None) -> tuple[CausalLM, Tokenizer]:
+        """The model to train, fp32 on the CPU: the checkpoint to resume, else the starting one."""
+        if resume_from is not None:
+            return load_model(resume_from, dtype=torch.float32), Tokenizer.load(resume_from)
+        return initial_model(self.config)
+
+    def setup(self, model: CausalLM) -> None:
+        """Called once the model is on its device, before the optimizer is made: load whatever
+        else the loss needs (a reference or teacher model)."""
+
+    def prepare(self, tokenizer: Tokenizer, cache_dir: Path, *, is_main: bool) -> str:
         """Build (or reuse) the tokenised data; returns a one-line summary. Only the main process
         writes; the others call again after a barrier and read what it wrote."""
+        raise NotImplementedError
 
-    def train_batches(self, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int): ...
+    def train_batches(self, rank: int, world_size: int) -> Any:
+        """An endless iterator of this rank's micro-batches, with state_dict / load_state_dict."""
+        raise NotImplementedError
 
-    def count(self, batch: Batch) -> int: ...
+    def count(self, batch: Any) -> int:
+        """How many units (target tokens, preference pairs...) the batch's loss averages over."""
+        raise NotImplementedError
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> LossResult: ...
+    def loss(self, model: torch.nn.Module, batch: Any) -> LossResult:
+        raise NotImplementedError
 
-    def evaluate(
-        self, model: torch.nn.Module, batch_size: int, seq_len: int, max_batches: int
-    ) -> EvalResult | None: ...
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation metrics named "val/...", the first of them "val/loss"; {} without a
+        validation set."""
+        return {}
+
+    def save(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        target: Path,
+        write_extra: Callable[[Path], None],
+    ) -> None:
+        """Write a checkpoint atomically, calling write_extra(staging) to add the trainer state."""
+        save_checkpoint(model, target, tokenizer=tokenizer, write_extra=write_extra)
 
 
 def token_losses(
@@ -69,31 +135,28 @@ def token_losses(
     return losses.view_as(targets), aux_loss
 
 
-class LanguageModeling:
+class LanguageModeling(Objective):
     """Next-token prediction. "pretrain": packed documents, every token a target. "sft": packed
     conversations with per-conversation attention, targets only on the assistant's tokens."""
 
-    def __init__(self, kind: str, *, val_fraction: float, skip_bad_lines: bool, workers: int | None, device):
-        self.name = kind
-        self.kind = kind
-        self.val_fraction = val_fraction
-        self.skip_bad_lines = skip_bad_lines
-        self.workers = workers
-        self.device = device
-        self.data = None
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.name = self.kind = config.objective
+        self.data: PreparedData | None = None
         self.tokenizer: Tokenizer | None = None
         self._byte_lengths: torch.Tensor | None = None
 
-    def prepare(self, paths: list[str], tokenizer: Tokenizer, cache_dir: Path, *, is_main: bool) -> str:
+    def prepare(self, tokenizer: Tokenizer, cache_dir: Path, *, is_main: bool) -> str:
+        config = self.config
         self.tokenizer = tokenizer
         self.data = prepare_datasets(
-            paths,
+            config.data,
             tokenizer,
             self.kind,
             cache_dir,
-            val_fraction=self.val_fraction,
-            skip_bad_lines=self.skip_bad_lines,
-            workers=self.workers,
+            val_fraction=config.val_fraction,
+            skip_bad_lines=config.skip_bad_lines,
+            workers=config.workers,
             progress=is_main,
         )
         train, val = self.data.train, self.data.val
@@ -104,11 +167,25 @@ class LanguageModeling:
             summary += f"; skipped {self.data.skipped:,} bad lines"
         return summary
 
-    def train_batches(self, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int):
-        batches = PretrainBatches if self.kind == "pretrain" else PackedSFTBatches
-        kwargs = {} if self.kind == "pretrain" else {"pad_id": self.tokenizer.pad_token_id}
-        return batches(
-            self.data.train, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size, **kwargs
+    def train_batches(self, rank: int, world_size: int) -> PretrainBatches | PackedSFTBatches:
+        config = self.config
+        if self.kind == "pretrain":
+            return PretrainBatches(
+                self.data.train,
+                config.batch_size,
+                config.seq_len,
+                seed=config.seed,
+                rank=rank,
+                world_size=world_size,
+            )
+        return PackedSFTBatches(
+            self.data.train,
+            config.batch_size,
+            config.seq_len,
+            seed=config.seed,
+            rank=rank,
+            world_size=world_size,
+            pad_id=self.tokenizer.pad_token_id,
         )
 
     def count(self, batch: Batch) -> int:
@@ -119,30 +196,43 @@ class LanguageModeling:
         return LossResult(losses.sum(), batch.n_target_tokens, aux_loss)
 
     @torch.no_grad()
-    def evaluate(
-        self, model: torch.nn.Module, batch_size: int, seq_len: int, max_batches: int
-    ) -> EvalResult | None:
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if self.data is None or self.data.val is None:
-            return None
+            return {}
         if self._byte_lengths is None:
             self._byte_lengths = torch.as_tensor(token_byte_lengths(self.tokenizer), dtype=torch.long)
+        config = self.config
         total_nats, total_tokens, total_bytes = 0.0, 0, 0
-        for batch in eval_batches(self.data.val, self.kind, batch_size, seq_len, max_batches):
+        for batch in eval_batches(
+            self.data.val, self.kind, config.batch_size, config.seq_len, config.eval_batches
+        ):
             losses, _ = token_losses(model, batch, self.device)
             real = batch.targets != -100
             total_nats += float(losses.sum())
             total_tokens += int(real.sum())
             total_bytes += int(self._byte_lengths[batch.targets[real]].sum())
         if total_tokens == 0:
-            return None
-        return EvalResult(total_nats / total_tokens, total_nats / (math.log(2) * max(total_bytes, 1)))
+            return {}
+        return {
+            "val/loss": total_nats / total_tokens,
+            "val/bpb": total_nats / (math.log(2) * max(total_bytes, 1)),
+        }
 
 
-def make_objective(
-    name: str, *, val_fraction: float, skip_bad_lines: bool, workers: int | None, device
-) -> Objective:
-    if name in ("pretrain", "sft"):
-        return LanguageModeling(
-            name, val_fraction=val_fraction, skip_bad_lines=skip_bad_lines, workers=workers, device=device
-        )
-    raise ValueError(f"unknown objective {name!r}")
+# Every objective by name, as "module:class", imported when chosen: objectives live in modules
+# of their own and import this one for the base class. config.OBJECTIVES lists the same names.
+REGISTRY = {
+    "pretrain": "wren.train.objectives:LanguageModeling",
+    "sft": "wren.train.objectives:LanguageModeling",
+    "lora": "wren.train.lora:LoRATraining",
+    "dpo": "wren.train.dpo:DPO",
+    "distill": "wren.train.distill:Distillation",
+    "reason": "wren.train.reason:ReasoningSFT",
+}
+
+
+def make_objective(config: TrainConfig, device: torch.device) -> Objective:
+    if config.objective not in REGISTRY:
+        raise WrenError(f"unknown objective {config.objective!r}; expected one of {', '.join(REGISTRY)}")
+    module_name, class_name = REGISTRY[config.objective].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(config, device)
