@@ -103,12 +103,19 @@ def test_row_texts_of_a_conversation() -> None:
     assert row_texts(row, "f.jsonl", 1) == ["be brief", "hi", "<think>\nok\n</think>\n\nhello"]
 
 
+def test_row_texts_of_a_preference_pair() -> None:
+    chosen = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    rejected = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]
+    row = {"chosen": chosen, "rejected": rejected}
+    assert row_texts(row, "f.jsonl", 1) == ["2+2?", "4", "2+2?", "5"]
+
+
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
         (
             {"prompt": "x"},
-            r'f\.jsonl:7: found keys prompt; expected a "text" field or a "conversations" list',
+            r'f\.jsonl:7: found keys prompt; expected a "text" field, a "conversations" list or "chosen"',
         ),
         ({}, r'f\.jsonl:7: found an empty object; expected a "text" field'),
         ({"text": 5}, r'f\.jsonl:7: "text" is a JSON number; expected a string'),
@@ -118,6 +125,10 @@ def test_row_texts_of_a_conversation() -> None:
         ),
         ({"conversations": [{"role": "user"}]}, r'f\.jsonl:7: conversations\[0\] has no string "content"'),
         ({"conversations": ["hi"]}, r"f\.jsonl:7: conversations\[0\]"),
+        (
+            {"chosen": [], "rejected": {}},
+            r'f\.jsonl:7: "rejected" is a JSON object; expected a "rejected" list',
+        ),
     ],
 )
 def test_row_texts_rejects_other_shapes(row: dict, expected: str) -> None:

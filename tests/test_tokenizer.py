@@ -190,7 +190,7 @@ def test_invalid_json_names_file_and_line(tmp_path: Path) -> None:
 def test_row_without_text_names_file_and_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "ok"}, {"question": "what?"}])
     with pytest.raises(
-        WrenError, match=re.escape(f"{path}:2: ") + '.*expected a "text" field or a "conversations" list'
+        WrenError, match=re.escape(f"{path}:2: ") + '.*expected a "text" field, a "conversations" list'
     ):
         train_tokenizer([path], vocab_size=300)
 

@@ -20,9 +20,10 @@ def _umask() -> int:
     return mask
 
 
-def _use_default_mode(path: Path, directory: bool) -> None:
-    """tempfile creates private (0600 / 0700) entries; give them the mode a plain open() or
-    mkdir() would, so a checkpoint can be read by the other users and services that would read it."""
+def use_default_mode(path: Path, directory: bool = False) -> None:
+    """Give `path` the mode a plain open() or mkdir() would (the umask's), so a checkpoint can be
+    read by the other users and services that would read it. tempfile creates private (0600 /
+    0700) entries, and so does safetensors' save_file."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
@@ -44,7 +45,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _use_default_mode(staging, directory=True)
+        use_default_mode(staging, directory=True)
         yield staging
         _fsync_tree(staging)
         old = None
@@ -64,7 +65,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        _use_default_mode(Path(tmp), directory=False)
+        use_default_mode(Path(tmp), directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

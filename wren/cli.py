@@ -78,6 +78,28 @@ def _cmd_data_demo(args: argparse.Namespace) -> None:
         print(f"{conversations:,} conversations written to {args.sft}")
 
 
+def _parse_placeholder(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT, got {text!r}")
+    return key, value
+
+
+def _cmd_data_fill(args: argparse.Namespace) -> None:
+    from wren.data.fill import fill_placeholders
+
+    rows, used = fill_placeholders(args.file, dict(args.set), args.out)
+    filled = ", ".join(f"{{{{{name}}}}} x{used[name]}" for name in dict(args.set)) or "nothing"
+    print(f"{rows:,} rows written to {args.out}; filled {filled}")
+
+
+def _cmd_lora_merge(args: argparse.Namespace) -> None:
+    from wren.checkpoint.adapter import merge_adapter
+
+    merge_adapter(args.base, args.adapter, args.out)
+    print(f"{args.base} + {args.adapter} merged and written to {args.out}")
+
+
 # Training options that map one-to-one onto TrainConfig fields: (field, type, help).
 _TRAIN_OPTIONS = [
     ("seq_len", int, "tokens per training sequence (default 512)"),
@@ -279,6 +301,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--tokenizer", help="tokenizer directory, for token statistics")
     check.set_defaults(func=_cmd_data_check)
+    fill = data_verbs.add_parser(
+        "fill",
+        help="fill {{name}} placeholders in JSONL",
+        description="Replace {{NAME}} placeholders in every string of a JSONL file, e.g. the "
+        "{{name}} and {{author}} of an identity dataset. A placeholder with no value is an error.",
+    )
+    fill.add_argument("file", help="JSONL file to read")
+    fill.add_argument(
+        "--set",
+        type=_parse_placeholder,
+        action="append",
+        default=[],
+        metavar="NAME=TEXT",
+        help="the text for {{NAME}} (repeatable)",
+    )
+    fill.add_argument("--out", required=True, help="JSONL file to write (may be the input)")
+    fill.set_defaults(func=_cmd_data_fill)
+
+    lora = verbs.add_parser("lora", help="LoRA adapter tools")
+    lora_verbs = lora.add_subparsers(dest="action", metavar="ACTION", required=True)
+    merge = lora_verbs.add_parser(
+        "merge",
+        help="merge an adapter into its base model",
+        description="Fold a PEFT LoRA adapter (from wren train lora, or PEFT) into the weights of its "
+        "base model and write the result as a plain checkpoint, in the base's dtype.",
+    )
+    merge.add_argument("base", help="base model directory (the --init the adapter was trained on)")
+    merge.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("--out", required=True, help="checkpoint directory to write")
+    merge.set_defaults(func=_cmd_lora_merge)
+
     quickstart = verbs.add_parser(
         "quickstart",
         help="train a tiny chat model end to end, offline",

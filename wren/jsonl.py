@@ -111,30 +111,39 @@ def _kind(value: Any) -> str:
 
 def row_texts(row: dict[str, Any], path: Path | str, line: int) -> list[str]:
     """The training text in one row: `{"text": ...}` gives [text]; `{"conversations": [...]}` gives
-    each turn's content. `path` and `line` are only used to say where a bad row is."""
+    each turn's content; a preference pair `{"chosen": [...], "rejected": [...]}` gives the turns
+    of both. `path` and `line` are only used to say where a bad row is."""
     if "text" in row:
         text = row["text"]
         if not isinstance(text, str):
             raise WrenError(f'{path}:{line}: "text" is a JSON {_kind(text)}; expected a string')
         return [text]
     if "conversations" in row:
-        return _conversation_texts(row["conversations"], path, line)
+        return _conversation_texts(row["conversations"], path, line, "conversations")
+    if "chosen" in row and "rejected" in row:
+        return [
+            *_conversation_texts(row["chosen"], path, line, "chosen"),
+            *_conversation_texts(row["rejected"], path, line, "rejected"),
+        ]
     found = "keys " + ", ".join(sorted(row)) if row else "an empty object"
-    raise WrenError(f'{path}:{line}: found {found}; expected a "text" field or a "conversations" list')
+    raise WrenError(
+        f'{path}:{line}: found {found}; expected a "text" field, a "conversations" list '
+        'or "chosen" and "rejected" lists'
+    )
 
 
-def _conversation_texts(turns: Any, path: Path | str, line: int) -> list[str]:
+def _conversation_texts(turns: Any, path: Path | str, line: int, field: str) -> list[str]:
     if not isinstance(turns, list):
         raise WrenError(
-            f'{path}:{line}: "conversations" is a JSON {_kind(turns)}; '
-            'expected a "conversations" list of {"role", "content"} objects'
+            f'{path}:{line}: "{field}" is a JSON {_kind(turns)}; '
+            f'expected a "{field}" list of {{"role", "content"}} objects'
         )
     texts = []
     for index, turn in enumerate(turns):
         content = turn.get("content") if isinstance(turn, dict) else None
         if not isinstance(content, str):
             raise WrenError(
-                f'{path}:{line}: conversations[{index}] has no string "content"; '
+                f'{path}:{line}: {field}[{index}] has no string "content"; '
                 'expected {"role": ..., "content": "..."}'
             )
         texts.append(content)

@@ -107,10 +107,12 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    adapter: str | Path | None = None,
 ) -> CausalLM:
     """Load a checkpoint directory into Wren's model, in eval mode.
 
-    dtype None keeps the dtype the weights are stored in.
+    dtype None keeps the dtype the weights are stored in. `adapter`, a PEFT LoRA adapter
+    directory, is merged into the weights (see wren.checkpoint.adapter.apply_adapter).
     """
     path = Path(path)
     config = read_model_config(path)
@@ -134,6 +136,10 @@ def load_model(
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialise_buffers(model, config, device)
+    if adapter is not None:
+        from wren.checkpoint.adapter import apply_adapter
+
+        apply_adapter(model, adapter, merge=True, base=path)
     return model.eval()
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from wren.atomic import use_default_mode
 from wren.errors import WrenError
 
 SAFETENSORS = "model.safetensors"
@@ -120,3 +121,4 @@ def wren_to_stock(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    use_default_mode(path)

@@ -3,13 +3,17 @@
 A dataset directory holds
     tokens.bin    every document's token ids end to end (uint16 when the vocabulary fits, else uint32)
     offsets.npy   int64, n_docs + 1 boundaries: document i is tokens[offsets[i]:offsets[i+1]]
-    mask.bin      uint8, one per token, 1 where the token is trained on (SFT only)
+    mask.bin      uint8, one per token, 1 where the token is trained on (SFT and preference only)
     meta.json     kind, dtype, sizes, vocab_size, cache key, sources, skipped lines, creation time
 
 `prepare_datasets` reads JSONL, validates each row, splits off validation rows (`split.py`),
 tokenises in parallel and writes `cache_dir/<key>/{train,val}` in one atomic step. The key covers
 everything the tokens depend on (see `cache_key`), so a second run with the same inputs opens the
 cached directory without reading the JSONL at all.
+
+A preference pair becomes two documents side by side, chosen at 2i and rejected at 2i + 1, each
+masked on its final assistant reply only and ending with that reply's closing token (see
+`encode_preference`). The split hashes the pair's row, so both halves land on the same side.
 """
 
 from __future__ import annotations
@@ -204,9 +208,27 @@ def write_token_dataset(
 Encoded = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # ids, lengths, mask
 
 
+def encode_preference(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(ids, mask) of one side of a preference pair: the conversation rendered as for SFT, the
+    mask kept on the final assistant reply only (DPO scores that reply alone; earlier replies are
+    prompt), and the ids cut just after the reply's closing token, since nothing after it is ever
+    a target."""
+    ids, mask = encode_conversation(tokenizer, messages)
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    if start == end:  # every reply is non-empty, so only a broken template gets here
+        raise WrenError("the chat template left the final assistant reply without tokens; expected ChatML")
+    return ids[:end], [0] * start + [1] * (end - start)
+
+
 def encode_rows(tokenizer: Tokenizer, kind: str, items: list[Any], dtype: np.dtype) -> Encoded:
-    """Tokens for a chunk of rows: pretraining texts, each followed by the end-of-text token, or
-    conversations, each with its assistant-only loss mask."""
+    """Tokens for a chunk of rows: pretraining texts, each followed by the end-of-text token;
+    conversations, each with its assistant-only loss mask; or (chosen, rejected) pairs, each two
+    documents masked on their final reply."""
     if kind == "pretrain":
         end = end_of_text_id(tokenizer)
         ids: list[int] = []
@@ -216,9 +238,13 @@ def encode_rows(tokenizer: Tokenizer, kind: str, items: list[Any], dtype: np.dty
             ids.append(end)
             lengths.append(len(encoding.ids) + 1)
         return np.array(ids, dtype=dtype), np.array(lengths, dtype=np.int64), None
+    if kind == "preference":
+        encode, conversations = encode_preference, [side for pair in items for side in pair]
+    else:
+        encode, conversations = encode_conversation, items
     ids, mask, lengths = [], [], []
-    for messages in items:
-        conversation_ids, conversation_mask = encode_conversation(tokenizer, messages)
+    for messages in conversations:
+        conversation_ids, conversation_mask = encode(tokenizer, messages)
         ids.extend(conversation_ids)
         mask.extend(conversation_mask)
         lengths.append(len(conversation_ids))
@@ -389,10 +415,6 @@ def prepare_datasets(
     """
     if kind not in KINDS:
         raise WrenError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if kind == "preference":
-        raise WrenError(
-            "preference data is used by `wren train dpo`, not here; expected pretrain or sft data"
-        )
     if not 0.0 <= val_fraction < 1.0:
         raise WrenError(f"val_fraction {val_fraction} is out of range; expected 0 <= val_fraction < 1")
     files = expand_paths(paths)
@@ -450,9 +472,11 @@ def _build(
 ) -> None:
     skipped = SkipCounter()
     rows = iter_rows(files, kind, skip_bad_lines=skip_bad_lines, skipped=skipped)
+    if kind == "preference":
+        rows = _naming_preference_data(rows)
     with atomic_directory(root) as staging:
         writers = {
-            split: DatasetWriter(staging / split, kind, tokenizer.vocab_size, with_mask=kind == "sft")
+            split: DatasetWriter(staging / split, kind, tokenizer.vocab_size, with_mask=kind != "pretrain")
             for split in ("train", "val")
         }
         try:
@@ -489,17 +513,34 @@ def _build(
             shutil.rmtree(staging / "val")
 
 
+def _naming_preference_data(rows: Iterator[Row]) -> Iterator[Row]:
+    """The rows, with a bad row's message saying what a preference row is: the usual mistake is
+    handing `wren train dpo` an SFT or pretraining file."""
+    try:
+        yield from rows
+    except WrenError as error:
+        raise WrenError(
+            f'{error} (preference data: each row {{"chosen": [...], "rejected": [...]}}, two '
+            "conversations with the same prompt)"
+        ) from None
+
+
 def _chunk_rows(
     rows: Iterator[Row], kind: str, val_fraction: float, on_row: Callable[[Row], None]
 ) -> Iterator[tuple[str, list[Any]]]:
-    """Group rows into (split, items) jobs of about CHUNK_CHARS characters each, in file order."""
+    """Group rows into (split, items) jobs of about CHUNK_CHARS characters each, in file order.
+    The split is decided per row, so a preference pair is never torn apart."""
     items: dict[str, list[Any]] = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}
-    field = "text" if kind == "pretrain" else "conversations"
     for row in rows:
         on_row(row)
         split = "val" if is_validation(row.raw, val_fraction) else "train"
-        items[split].append(row.data[field])
+        if kind == "pretrain":
+            items[split].append(row.data["text"])
+        elif kind == "sft":
+            items[split].append(row.data["conversations"])
+        else:
+            items[split].append((row.data["chosen"], row.data["rejected"]))
         sizes[split] += len(row.raw)
         if sizes[split] >= CHUNK_CHARS:
             yield split, items[split]

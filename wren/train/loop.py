@@ -44,6 +44,22 @@ from wren.train.state import (
 )
 
 
+def _expert_load_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """Each MoE layer's share of routed tokens per expert in the last micro-batch, and the largest
+    share averaged over layers: 1/E when balanced, 1 when every token goes to one expert."""
+    metrics, largest = {}, []
+    for index, layer in enumerate(model.model.layers):
+        load = getattr(layer.mlp, "last_expert_load", None)
+        if load is None:
+            continue
+        shares = (load.float() / max(float(load.sum()), 1.0)).tolist()
+        metrics.update({f"moe/layer{index}_expert{e}_share": share for e, share in enumerate(shares)})
+        largest.append(max(shares))
+    if largest:
+        metrics["moe/max_expert_share"] = sum(largest) / len(largest)
+    return metrics
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
         self.config = config
@@ -240,11 +256,7 @@ class Trainer:
             metrics[f"train/{name}"] = float(total) / max(global_count, 1.0)
         if self.model.config.is_moe:
             metrics["train/aux_loss"] = float(aux_sum) / len(micro_batches)
-            for layer_index, layer in enumerate(self.model.model.layers):
-                load = getattr(layer.mlp, "last_expert_load", None)
-                if load is not None and layer_index == 0:
-                    shares = load.float() / max(float(load.sum()), 1.0)
-                    metrics.update({f"moe/layer0_expert{e}_share": float(s) for e, s in enumerate(shares)})
+            metrics.update(_expert_load_metrics(self.model))
         return {**metrics, "tokens": float(global_count)}
 
     def _last_checkpoint(self) -> Path | None:
@@ -266,14 +278,23 @@ class Trainer:
             if env.is_main
             else None
         )
-        progress = Progress(config.max_steps, start_step=self.step, every=config.log_every)
+        unit = self.objective.unit
+        progress = Progress(
+            config.max_steps,
+            start_step=self.step,
+            every=config.log_every,
+            unit="tok" if unit == "tokens" else unit,
+        )
         n_params = self.model.num_parameters()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        shown = f"{n_params:,} parameters" + (f" ({trainable:,} trainable)" if trainable != n_params else "")
         processes = f" x{env.world_size}" if env.is_distributed else ""
         processes += " sharded (FSDP)" if self.sharded else ""
         self._log(
-            f"training {n_params:,} parameters on {self.device}{processes}, "
+            f"training {shown} on {self.device}{processes}, "
             f"steps {self.step}->{config.max_steps}, "
-            f"{config.batch_size * config.grad_accum * env.world_size} x {config.seq_len} tokens per step"
+            f"global batch {config.batch_size * config.grad_accum * env.world_size} "
+            f"{'pairs' if unit == 'pairs' else 'sequences'} of up to {config.seq_len} tokens"
         )
         self.model.train()
         batch_iter = iter(self.batches)
@@ -288,7 +309,7 @@ class Trainer:
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
                     evaluated = self._evaluate()
                 if env.is_main:
-                    metrics.update(evaluated, **{"train/tokens_per_second": tokens_per_second})
+                    metrics.update(evaluated, **{f"train/{unit}_per_second": tokens_per_second})
                     if self.step % config.log_every == 0 or evaluated or self.step == config.max_steps:
                         logger.log(self.step, metrics)
                     progress.update(self.step, metrics["train/loss"], tokens_per_second)
@@ -310,7 +331,7 @@ class Trainer:
             if logger is not None:
                 logger.close()
         self._log(
-            f"done: {self.step} steps, {format_count(self.tokens_seen)} tokens; "
+            f"done: {self.step} steps, {format_count(self.tokens_seen)} {self.objective.unit}; "
             f"model in {self.out_dir / 'final'}"
         )
         return self.out_dir / "final"

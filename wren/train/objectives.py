@@ -73,6 +73,7 @@ class Objective:
     """
 
     name = ""
+    unit = "tokens"  # what count() counts: the loop reports throughput in these
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
@@ -204,7 +205,12 @@ class LanguageModeling(Objective):
         config = self.config
         total_nats, total_tokens, total_bytes = 0.0, 0, 0
         for batch in eval_batches(
-            self.data.val, self.kind, config.batch_size, config.seq_len, config.eval_batches
+            self.data.val,
+            self.kind,
+            config.batch_size,
+            config.seq_len,
+            config.eval_batches,
+            pad_id=self.tokenizer.pad_token_id,
         ):
             losses, _ = token_losses(model, batch, self.device)
             real = batch.targets != -100

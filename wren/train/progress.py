@@ -26,20 +26,28 @@ def format_count(value: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int = 0, every: int = 10, stream: TextIO | None = None):
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int = 0,
+        every: int = 10,
+        stream: TextIO | None = None,
+        unit: str = "tok",
+    ):
         self.total = total_steps
+        self.unit = unit
         self.start_step = start_step
         self.every = every
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
         self.started = time.perf_counter()
 
-    def update(self, step: int, loss: float, tokens_per_second: float, extra: str = "") -> None:
+    def update(self, step: int, loss: float, units_per_second: float, extra: str = "") -> None:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.total - step) if done else 0.0
         line = (
-            f"step {step}/{self.total} | loss {loss:.4f} | {format_count(tokens_per_second)} tok/s"
+            f"step {step}/{self.total} | loss {loss:.4f} | {format_count(units_per_second)} {self.unit}/s"
             f" | ETA {format_duration(eta)}{' | ' + extra if extra else ''}"
         )
         if self.interactive:
