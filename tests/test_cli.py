@@ -1,10 +1,13 @@
 """The `wren` command, run as a real process: each verb's happy path and its bad-input paths."""
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
+
+from wren.cli import build_parser, main
 
 
 def wren(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -44,13 +47,36 @@ def tokenizer_dir(workdir, corpus):
     return workdir / "tok"
 
 
-@pytest.mark.parametrize(
-    "verb", [[], ["tokenizer", "train"], ["model", "init"], ["model", "info"], ["data", "demo"]]
-)
-def test_every_verb_has_help(verb):
-    result = wren(*verb, "--help")
+def _verbs(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path the parser accepts, found by walking its subparsers."""
+    found = [prefix]
+    for action in parser._actions:  # argparse offers no public way to list subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found += _verbs(child, (*prefix, name))
+    return found
+
+
+VERBS = _verbs(build_parser())
+
+
+def test_the_verb_list_is_complete():
+    for verb in [("train", "dpo"), ("lora", "merge"), ("data", "fill"), ("data", "check"), ("quickstart",)]:
+        assert verb in VERBS
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda verb: " ".join(verb) or "wren")
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: wren" in capsys.readouterr().out
+
+
+def test_help_runs_as_a_real_process():
+    result = wren("train", "sft", "--help")
     assert result.returncode == 0
-    assert "usage: wren" in result.stdout
+    assert "usage: wren train sft" in result.stdout
 
 
 def test_demo_corpus_is_real_text(corpus):

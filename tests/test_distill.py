@@ -2,17 +2,21 @@
 alpha = 1 is SFT bit for bit, exact resume after SIGKILL, and teachers that cannot be compared."""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    TINY_MODEL_FLAGS,
+    TINY_MODEL_SETTINGS,
+    addition_conversations,
+    kill_after_step,
+    losses,
+    metric_rows,
+    wren,
+)
 
 from wren.checkpoint import init_checkpoint, load_model
 from wren.data.demo import demo_texts
@@ -21,8 +25,6 @@ from wren.tokenizer import Tokenizer, train_tokenizer
 from wren.train.config import resolve_config
 from wren.train.distill import Distillation, data_kind, teacher_dtype
 
-TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
-TINY_FLAGS = [arg for key, value in TINY_MODEL.items() for arg in ("--set", f"{key}={value}")]
 HELD_OUT = 6  # demo texts kept out of training, to measure the student against the teacher
 
 
@@ -35,16 +37,7 @@ def corpus(tmp_path_factory) -> Path:
         "".join(json.dumps({"text": t}) + "\n" for t in texts[:-HELD_OUT])
     )
     (directory / "held_out.json").write_text(json.dumps(texts[-HELD_OUT:]))
-    conversations = [
-        {
-            "conversations": [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-            ]
-        }
-        for a in range(15)
-        for b in range(15)
-    ]
+    conversations = addition_conversations(15)
     (directory / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
     tokenizer = train_tokenizer([directory / "pretrain.jsonl", directory / "sft.jsonl"], vocab_size=512)
     tokenizer.save(directory / "tokenizer")
@@ -52,17 +45,13 @@ def corpus(tmp_path_factory) -> Path:
         "train", "pretrain", "--data", directory / "pretrain.jsonl", "--preset", "micro",
         "--tokenizer", directory / "tokenizer", "--out", directory / "teacher-run", "--seq-len", "64",
         "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", "--max-steps", "40", "--workers", "1",
-        "--logger", "none", *TINY_FLAGS,
+        "--logger", "none", *TINY_MODEL_FLAGS,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    init_checkpoint("micro", directory / "tokenizer", directory / "student", seed=1, overrides=TINY_MODEL)
-    return directory
-
-
-def wren(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    init_checkpoint(
+        "micro", directory / "tokenizer", directory / "student", seed=1, overrides=TINY_MODEL_SETTINGS
     )
+    return directory
 
 
 def distill_args(corpus: Path, out: Path, *extra, data: str = "pretrain.jsonl") -> list:
@@ -72,22 +61,6 @@ def distill_args(corpus: Path, out: Path, *extra, data: str = "pretrain.jsonl") 
         "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--workers", "1", "--logger", "none",
         "--log-every", "1", *extra,
     ]  # fmt: skip
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    """Every complete line of metrics.jsonl (a line being written as we read is skipped)."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss; a re-run step (after resume) keeps its last value."""
-    return {row["step"]: row["train/loss"] for row in metric_rows(run_dir)}
 
 
 def held_out_kl(student_dir: Path, corpus: Path) -> float:
@@ -157,17 +130,9 @@ def test_alpha_one_gives_exactly_the_sft_loss(corpus, tmp_path):
 def test_resume_after_sigkill_gives_identical_losses(corpus, distilled, tmp_path):
     killed = tmp_path / "killed"
     args = distill_args(corpus, killed, *COMMON, "--distill-temperature", "2")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wren", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill mid-run: after step 9 is logged, past the step-8 checkpoint
-        if (killed / "metrics.jsonl").is_file() and max(losses(killed), default=0) >= 9:
-            break
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert max(losses(killed)) < 24, "the run finished before it could be killed"
+    # Killed mid-run: after step 9 is logged, past the step-8 checkpoint.
+    last_step = kill_after_step(args, killed, 9, timeout=120)
+    assert last_step < 24, "the run finished before it could be killed"
 
     result = wren(*args, "--resume")
     assert result.returncode == 0, result.stderr
@@ -181,7 +146,7 @@ def test_resume_after_sigkill_gives_identical_losses(corpus, distilled, tmp_path
 def test_a_teacher_with_another_tokenizer_is_refused(corpus, tmp_path):
     other = train_tokenizer([corpus / "sft.jsonl"], vocab_size=400)
     other.save(tmp_path / "other-tokenizer")
-    init_checkpoint("micro", tmp_path / "other-tokenizer", tmp_path / "other", overrides=TINY_MODEL)
+    init_checkpoint("micro", tmp_path / "other-tokenizer", tmp_path / "other", overrides=TINY_MODEL_SETTINGS)
     args = distill_args(corpus, tmp_path / "run", "--max-steps", "2")
     args[args.index("--teacher") + 1] = tmp_path / "other"
     result = wren(*args)
@@ -209,7 +174,10 @@ def objective(corpus: Path, teacher: Path, **settings) -> Distillation:
 def test_padded_teacher_vocabularies_compare_the_real_tokens_and_short_ones_are_refused(corpus, tmp_path):
     # Same tokenizer, output layer padded past it (as Qwen pads 151,665 tokens to 151,936 rows).
     init_checkpoint(
-        "micro", corpus / "tokenizer", tmp_path / "padded", overrides={**TINY_MODEL, "vocab_size": 576}
+        "micro",
+        corpus / "tokenizer",
+        tmp_path / "padded",
+        overrides={**TINY_MODEL_SETTINGS, "vocab_size": 576},
     )
     distill = objective(corpus, tmp_path / "padded", teacher_dtype="bfloat16")
     student, tokenizer = distill.build_model(None)
@@ -221,7 +189,10 @@ def test_padded_teacher_vocabularies_compare_the_real_tokens_and_short_ones_are_
 
     # An output layer without a row for every token of the tokenizer cannot be compared.
     init_checkpoint(
-        "micro", corpus / "tokenizer", tmp_path / "short", overrides={**TINY_MODEL, "vocab_size": 500}
+        "micro",
+        corpus / "tokenizer",
+        tmp_path / "short",
+        overrides={**TINY_MODEL_SETTINGS, "vocab_size": 500},
     )
     distill = objective(corpus, tmp_path / "short")
     student, tokenizer = distill.build_model(None)

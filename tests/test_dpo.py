@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SHARED_DATA, TINY_MODEL_FLAGS, kill_after_step, rows_by_step, wren
 
 from wren.checkpoint import load_model
 from wren.data.chat import encode_conversation
@@ -32,9 +28,6 @@ from wren.errors import WrenError
 from wren.tokenizer import IM_END, Tokenizer, train_tokenizer
 from wren.train.config import resolve_config
 from wren.train.dpo import DPO, dpo_terms, sequence_logps
-
-TINY_MODEL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=4", "--set", "n_kv_heads=2"]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def user(content: str) -> dict[str, str]:
@@ -72,18 +65,6 @@ def as_conversations(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"conversations": pair[side]} for pair in pairs for side in ("chosen", "rejected")]
 
 
-def wren(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def metric_rows(run_dir: Path) -> dict[int, dict[str, float]]:
-    """step -> its logged metrics; a re-run step (after resume) keeps its last values."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows}
-
-
 def real_rows(batch: PreferenceBatch) -> list[list[int]]:
     """Each row without its padding: a stored side ends with the last token of its reply, the
     target of the position before it."""
@@ -104,7 +85,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.save(directory / "tokenizer")
     result = wren(
         "model", "init", "--preset", "micro", "--tokenizer", directory / "tokenizer",
-        "--out", directory / "init", *TINY_MODEL,
+        "--out", directory / "init", *TINY_MODEL_FLAGS,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return directory
@@ -327,7 +308,7 @@ def test_dpo_run_raises_the_margin_and_writes_a_loadable_model(workspace: Path, 
     )
     assert result.returncode == 0, result.stderr
     assert "preference data: 16 pairs" in result.stdout
-    rows = metric_rows(run)
+    rows = rows_by_step(run)
     assert sorted(rows) == list(range(1, 25))
     assert rows[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[1]["train/margin"] == 0.0
@@ -368,24 +349,15 @@ def test_dpo_resumes_exactly_after_sigkill(workspace: Path, tmp_path: Path):
     assert result.returncode == 0, result.stderr
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wren", *map(str, dpo_args(workspace, data, killed, *common))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill mid-run: after step 9 is logged, past the step-8 checkpoint
-        if (killed / "metrics.jsonl").is_file() and max(metric_rows(killed), default=0) >= 9:
-            break
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert max(metric_rows(killed)) < 40, "the run finished before it could be killed"
+    # Killed mid-run: after step 9 is logged, past the step-8 checkpoint.
+    last_step = kill_after_step(dpo_args(workspace, data, killed, *common), killed, 9)
+    assert last_step < 40, "the run finished before it could be killed"
 
     result = wren(*dpo_args(workspace, data, killed, *common, "--resume"))
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout
     names = ("train/loss", "train/margin", "train/accuracy", "train/logp_chosen", "train/logp_rejected")
-    resumed, uninterrupted = metric_rows(killed), metric_rows(straight)
+    resumed, uninterrupted = rows_by_step(killed), rows_by_step(straight)
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 41))
     for step in uninterrupted:  # bit-identical, every step
         assert [resumed[step][n] for n in names] == [uninterrupted[step][n] for n in names], step
@@ -402,7 +374,7 @@ def test_dpo_on_the_shared_english_preference_data(tmp_path: Path):
     train_tokenizer([tmp_path / "conversations.jsonl"], vocab_size=1024).save(tmp_path / "tok")
     result = wren(
         "model", "init", "--preset", "micro", "--tokenizer", tmp_path / "tok", "--out", tmp_path / "init",
-        *TINY_MODEL,
+        *TINY_MODEL_FLAGS,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
@@ -412,7 +384,7 @@ def test_dpo_on_the_shared_english_preference_data(tmp_path: Path):
         "--val-fraction", "0.05", "--logger", "none", "--log-every", "1", "--workers", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = metric_rows(run)
+    rows = rows_by_step(run)
     assert rows[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(value) for row in rows.values() for value in row.values())
     assert {"val/loss", "val/accuracy", "val/margin"} <= set(rows[4])

@@ -2,15 +2,11 @@
 `wren train lora` runs with exact resume after SIGKILL, `wren lora merge`, and `wren data fill`."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA, TINY_MODEL_SETTINGS, addition_conversations, kill_after_step, losses, wren
 from safetensors import safe_open
 
 from wren.checkpoint import init_checkpoint, load_model, read_model_config
@@ -22,35 +18,17 @@ from wren.tokenizer import train_tokenizer
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """Arithmetic conversations, a tokenizer, and two random tiny base models: dense and MoE."""
     directory = tmp_path_factory.mktemp("lora")
-    conversations = [
-        {
-            "conversations": [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-            ]
-        }
-        for a in range(20)
-        for b in range(20)
-    ]
+    conversations = addition_conversations(20)
     (directory / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
     train_tokenizer([directory / "sft.jsonl"], vocab_size=512).save(directory / "tok")
-    init_checkpoint("micro", directory / "tok", directory / "base", overrides=TINY)
-    init_checkpoint("moe", directory / "tok", directory / "moe", overrides=TINY)
+    init_checkpoint("micro", directory / "tok", directory / "base", overrides=TINY_MODEL_SETTINGS)
+    init_checkpoint("moe", directory / "tok", directory / "moe", overrides=TINY_MODEL_SETTINGS)
     return directory
-
-
-def wren(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def lora_args(workdir: Path, out: Path, *extra) -> list:
@@ -59,14 +37,6 @@ def lora_args(workdir: Path, out: Path, *extra) -> list:
         "--seq-len", "64", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2", "--workers", "1",
         "--logger", "none", "--log-every", "1", "--lora-rank", "4", *extra,
     ]  # fmt: skip
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["train/loss"]
-    return out
 
 
 def sample_ids(vocab_size: int) -> torch.Tensor:
@@ -201,7 +171,7 @@ def test_adapters_that_do_not_fit_are_refused(workdir, tmp_path):
     model = load_model(workdir / "base")
     inject_lora(model, rank=4)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=workdir / "base")
-    init_checkpoint("micro", workdir / "tok", tmp_path / "other", overrides=dict(TINY, dim=32))
+    init_checkpoint("micro", workdir / "tok", tmp_path / "other", overrides=dict(TINY_MODEL_SETTINGS, dim=32))
 
     result = wren("lora", "merge", tmp_path / "other", tmp_path / "adapter", "--out", tmp_path / "merged")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -278,19 +248,9 @@ def test_lora_resume_after_sigkill_gives_identical_losses(workdir, tmp_path):
     assert result.returncode == 0, result.stderr
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wren", *map(str, lora_args(workdir, killed, *common))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill mid-run: after step 9 is logged, past the step-8 checkpoint
-        metrics = killed / "metrics.jsonl"
-        if metrics.is_file() and max(losses(killed), default=0) >= 9:
-            break
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert max(losses(killed)) < 16, "the run finished before it could be killed"
+    # Killed mid-run: after step 9 is logged, past the step-8 checkpoint.
+    last_step = kill_after_step(lora_args(workdir, killed, *common), killed, 9)
+    assert last_step < 16, "the run finished before it could be killed"
 
     result = wren(*lora_args(workdir, killed, *common, "--resume"))
     assert result.returncode == 0, result.stderr

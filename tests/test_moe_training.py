@@ -4,11 +4,11 @@ Qwen2MoeForCausalLM with Wren's logits."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODEL_SETTINGS, metric_rows, rows_by_step, set_flags, wren
 
 from wren.checkpoint import load_model
 from wren.data.demo import demo_texts
@@ -18,10 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 N_EXPERTS = 4
 TINY_MOE = {
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
+    **TINY_MODEL_SETTINGS,
     "ffn_dim": 128,
     "expert_ffn_dim": 32,
     "shared_expert_ffn_dim": 32,
@@ -40,20 +37,13 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def pretrain_moe(corpus: Path, out: Path, *extra) -> subprocess.CompletedProcess:
-    settings = [arg for key, value in TINY_MOE.items() for arg in ("--set", f"{key}={value}")]
     args = [
         "train", "pretrain", "--data", corpus / "pretrain.jsonl", "--preset", "moe",
         "--tokenizer", corpus / "tokenizer", "--out", out, "--seq-len", "64", "--batch-size", "4",
         "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "2", "--workers", "1", "--logger", "none",
-        "--log-every", "1", "--eval-every", "100", *settings, *extra,
+        "--log-every", "1", "--eval-every", "100", *set_flags(TINY_MOE), *extra,
     ]  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return wren(*args)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +91,7 @@ def test_the_aux_loss_coefficient_is_applied(corpus, trained, tmp_path):
     run = tmp_path / "no-balancing"
     result = pretrain_moe(corpus, run, "--aux-loss-coef", "0")
     assert result.returncode == 0, result.stderr
-    with_aux = {row["step"]: row for row in metric_rows(trained)}
-    without = {row["step"]: row for row in metric_rows(run)}
+    with_aux, without = rows_by_step(trained), rows_by_step(run)
     # train/loss is the cross-entropy alone, so step 1 (same weights, same batch) matches; the
     # balance loss's gradient then makes the two runs' weights, and so their losses, differ.
     assert without[1]["train/loss"] == with_aux[1]["train/loss"]

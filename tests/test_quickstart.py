@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA, wren
 
 from wren.checkpoint import load_model
 
-SHARED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "demo"
+SHARED_DEMO = SHARED_DATA / "demo"
 
 
 def quickstart(*args: object) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "wren", "quickstart", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return wren("quickstart", *args, timeout=600)
 
 
 def test_quickstart_trains_a_chat_model_and_says_how_to_use_it(tmp_path):

@@ -2,15 +2,13 @@
 tokens weigh think_tag_weight, exact resume after SIGKILL; and `split_thinking`."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA, TINY_MODEL_SETTINGS, kill_after_step, losses, metric_rows, wren
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -24,7 +22,6 @@ from wren.train.config import resolve_config
 from wren.train.objectives import token_losses
 from wren.train.reason import ReasoningSFT, think_tag_ids
 
-TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}
 THINK, END_THINK = 3, 4  # the ids every Wren-trained tokenizer gives <think> and </think>
 
 
@@ -53,14 +50,8 @@ def corpus(tmp_path_factory) -> Path:
     )
     tokenizer = train_tokenizer([directory / "text.jsonl", directory / "reason.jsonl"], vocab_size=512)
     tokenizer.save(directory / "tokenizer")
-    init_checkpoint("micro", directory / "tokenizer", directory / "base", overrides=TINY_MODEL)
+    init_checkpoint("micro", directory / "tokenizer", directory / "base", overrides=TINY_MODEL_SETTINGS)
     return directory
-
-
-def wren(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def reason_args(corpus: Path, out: Path, *extra) -> list:
@@ -69,22 +60,6 @@ def reason_args(corpus: Path, out: Path, *extra) -> list:
         "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--workers", "1",
         "--logger", "none", "--log-every", "1", *extra,
     ]  # fmt: skip
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    """Every complete line of metrics.jsonl (a line being written as we read is skipped)."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss; a re-run step (after resume) keeps its last value."""
-    return {row["step"]: row["train/loss"] for row in metric_rows(run_dir)}
 
 
 COMMON = ("--max-steps", "30", "--save-every", "4", "--eval-every", "15")
@@ -156,17 +131,9 @@ def test_tag_tokens_weigh_think_tag_weight_in_the_loss(corpus, tmp_path):
 def test_resume_after_sigkill_gives_identical_losses(corpus, trained, tmp_path):
     killed = tmp_path / "killed"
     args = reason_args(corpus, killed, *COMMON)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wren", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill mid-run: after step 9 is logged, past the step-8 checkpoint
-        if (killed / "metrics.jsonl").is_file() and max(losses(killed), default=0) >= 9:
-            break
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert max(losses(killed)) < 30, "the run finished before it could be killed"
+    # Killed mid-run: after step 9 is logged, past the step-8 checkpoint.
+    last_step = kill_after_step(args, killed, 9, timeout=120)
+    assert last_step < 30, "the run finished before it could be killed"
 
     result = wren(*args, "--resume")
     assert result.returncode == 0, result.stderr
@@ -191,7 +158,7 @@ def test_a_tokenizer_without_think_tokens_is_refused(corpus, tmp_path):
     with pytest.raises(WrenError, match="no <think> or </think> token"):
         think_tag_ids(tokenizer)
     tokenizer.save(tmp_path / "tokenizer")
-    init_checkpoint("micro", tmp_path / "tokenizer", tmp_path / "base", overrides=TINY_MODEL)
+    init_checkpoint("micro", tmp_path / "tokenizer", tmp_path / "base", overrides=TINY_MODEL_SETTINGS)
     args = reason_args(corpus, tmp_path / "run", "--max-steps", "2")
     args[args.index("--init") + 1] = tmp_path / "base"
     result = wren(*args)
@@ -255,7 +222,7 @@ def test_split_thinking_needs_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "gsm8k_train.jsonl"
+GSM8K = SHARED_DATA / "sft" / "gsm8k_train.jsonl"
 
 
 @pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data is not beside the checkout")
@@ -271,7 +238,7 @@ def test_reasoning_sft_on_gsm8k_worked_answers(tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer = train_tokenizer([data], vocab_size=1024)
     tokenizer.save(tmp_path / "tokenizer")
-    init_checkpoint("micro", tmp_path / "tokenizer", tmp_path / "base", overrides=TINY_MODEL)
+    init_checkpoint("micro", tmp_path / "tokenizer", tmp_path / "base", overrides=TINY_MODEL_SETTINGS)
     result = wren(
         "train", "reason", "--data", data, "--init", tmp_path / "base", "--out", tmp_path / "run",
         "--seq-len", "256", "--batch-size", "4", "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "2",

@@ -2,15 +2,20 @@
 exact resume after SIGKILL, two-process DDP, and the NaN stop."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    SHARED_DATA,
+    TINY_MODEL_FLAGS,
+    addition_conversations,
+    kill_after_step,
+    losses,
+    metric_rows,
+    wren,
+    wren_on_two_processes,
+)
 
 from wren.checkpoint import load_model
 from wren.data.demo import demo_texts
@@ -19,38 +24,17 @@ from wren.tokenizer import train_tokenizer
 from wren.train.config import resolve_config
 from wren.train.schedule import learning_rate
 
-TINY_MODEL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=4", "--set", "n_kv_heads=2"]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("train-data")
     texts = demo_texts(max_bytes=150_000)
     (directory / "pretrain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    conversations = [
-        {
-            "conversations": [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-            ]
-        }
-        for a in range(20)
-        for b in range(20)
-    ]
+    conversations = addition_conversations(20)
     (directory / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
     tokenizer = train_tokenizer([directory / "pretrain.jsonl", directory / "sft.jsonl"], vocab_size=512)
     tokenizer.save(directory / "tokenizer")
     return directory
-
-
-def wren(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def pretrain_args(corpus: Path, out: Path, *extra) -> list:
@@ -58,17 +42,8 @@ def pretrain_args(corpus: Path, out: Path, *extra) -> list:
         "train", "pretrain", "--data", corpus / "pretrain.jsonl", "--preset", "micro",
         "--tokenizer", corpus / "tokenizer", "--out", out, "--seq-len", "64", "--batch-size", "4",
         "--lr", "3e-3", "--warmup-steps", "2", "--workers", "1", "--logger", "none", "--log-every", "1",
-        "--val-fraction", "0.05", *TINY_MODEL, *extra,
+        "--val-fraction", "0.05", *TINY_MODEL_FLAGS, *extra,
     ]  # fmt: skip
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss; a re-run step (after resume) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["train/loss"]
-    return out
 
 
 # -- schedule and config -----------------------------------------------------------------------
@@ -119,8 +94,7 @@ def test_pretrain_run_learns_and_writes_a_loadable_checkpoint(corpus, tmp_path):
     curve = losses(run)
     assert sorted(curve) == list(range(1, 31))
     assert curve[30] < curve[1] - 1.0  # it learns
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [row for row in rows if "val/bpb" in row]
+    evals = [row for row in metric_rows(run) if "val/bpb" in row]
     assert [row["step"] for row in evals] == [15, 30]
     assert 0 < evals[-1]["val/bpb"] < evals[0]["val/bpb"] + 0.5
     assert json.loads((run / "train_config.json").read_text())["max_steps"] == 30
@@ -152,19 +126,9 @@ def test_resume_after_sigkill_gives_identical_losses(corpus, tmp_path):
     assert wren(*pretrain_args(corpus, straight, *common)).returncode == 0
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wren", *map(str, pretrain_args(corpus, killed, *common))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill mid-run: after step 9 is logged, past the step-8 checkpoint
-        metrics = killed / "metrics.jsonl"
-        if metrics.is_file() and max(losses(killed), default=0) >= 9:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert max(losses(killed)) < 16, "the run finished before it could be killed"
+    # Killed mid-run: after step 9 is logged, past the step-8 checkpoint.
+    last_step = kill_after_step(pretrain_args(corpus, killed, *common), killed, 9)
+    assert last_step < 16, "the run finished before it could be killed"
 
     result = wren(*pretrain_args(corpus, killed, *common, "--resume"))
     assert result.returncode == 0, result.stderr
@@ -178,12 +142,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
     result = wren(*pretrain_args(corpus, single, *common, "--batch-size", "8"))
     assert result.returncode == 0, result.stderr
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wren", *map(str, pretrain_args(corpus, ddp, *common, "--batch-size", "4"))],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    result = wren_on_two_processes(*pretrain_args(corpus, ddp, *common, "--batch-size", "4"))
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = losses(single), losses(ddp)
     assert sorted(one) == sorted(two) == list(range(1, 7))
@@ -222,7 +181,7 @@ def test_bad_training_rows_stop_the_run_unless_skipped(corpus, tmp_path):
     assert "skipped 1 bad line" in result.stdout
 
 
-SHARED_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "demo"
+SHARED_DEMO = SHARED_DATA / "demo"
 
 
 @pytest.mark.skipif(not SHARED_DEMO.is_dir(), reason="../shared/data/demo is not beside the checkout")

@@ -5,11 +5,11 @@ resume, and mixture-of-experts models."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODEL_FLAGS, losses, metric, set_flags, wren, wren_on_two_processes
 
 from wren.checkpoint import load_model
 from wren.data.demo import demo_texts
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with the gloo backend",
 )
 
-TINY_MODEL = ["--set", "dim=64", "--set", "n_layers=2", "--set", "n_heads=4", "--set", "n_kv_heads=2"]
-TINY_MOE = [*TINY_MODEL, "--set", "n_experts=4", "--set", "n_experts_per_token=2", "--set", "ffn_dim=64"]
+TINY_MOE = [*TINY_MODEL_FLAGS, *set_flags({"n_experts": 4, "n_experts_per_token": 2, "ffn_dim": 64})]
 # A constant schedule (after warmup) does not depend on --max-steps, so a run stopped at step 4
 # and resumed to step 6 must retrace an uninterrupted 6-step run.
 COMMON = ["--eval-every", "100", "--schedule", "constant"]
@@ -48,29 +47,15 @@ def pretrain_args(corpus: Path, out: Path, *extra) -> list:
 
 
 def one_process(*args) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "wren", *map(str, args)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    result = wren(*args, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def two_processes(*args) -> subprocess.CompletedProcess:
-    # --standalone picks a free port, so concurrent test runs cannot collide.
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wren", *map(str, args)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    result = wren_on_two_processes(*args, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def metrics(run_dir: Path, name: str = "train/loss") -> dict[int, float]:
-    """step -> a logged metric; a re-run step (after resume) keeps its last value."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row[name] for row in rows}
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +66,18 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     out = {name: root / name for name in ("single", "fsdp", "stopped")}
     # One process with --fsdp has nothing to shard: it trains as usual, after a note.
     result = one_process(
-        *pretrain_args(corpus, out["single"], *COMMON, *TINY_MODEL, "--max-steps", "6", "--batch-size", "8"),
+        *pretrain_args(
+            corpus, out["single"], *COMMON, *TINY_MODEL_FLAGS, "--max-steps", "6", "--batch-size", "8"
+        ),
         "--fsdp",
     )
     assert "note: --fsdp" in result.stdout
     fsdp = ("--batch-size", "2", "--grad-accum", "2", "--fsdp")
     result = two_processes(
-        *pretrain_args(corpus, out["fsdp"], *COMMON, *TINY_MODEL, "--max-steps", "6", *fsdp)
+        *pretrain_args(corpus, out["fsdp"], *COMMON, *TINY_MODEL_FLAGS, "--max-steps", "6", *fsdp)
     )
     assert "sharded (FSDP)" in result.stdout
-    stopped = pretrain_args(corpus, out["stopped"], *COMMON, *TINY_MODEL, *fsdp)
+    stopped = pretrain_args(corpus, out["stopped"], *COMMON, *TINY_MODEL_FLAGS, *fsdp)
     two_processes(*stopped, "--max-steps", "4")
     result = two_processes(*stopped, "--max-steps", "6", "--resume")
     assert "resumed from" in result.stdout and "step-000004" in result.stdout
@@ -99,11 +86,11 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
 
 def test_two_process_fsdp_matches_one_process_with_the_same_global_batch(runs):
     for name in ("train/loss", "train/grad_norm"):
-        one, two = metrics(runs["single"], name), metrics(runs["fsdp"], name)
+        one, two = metric(runs["single"], name), metric(runs["fsdp"], name)
         assert sorted(one) == sorted(two) == list(range(1, 7))
         for step in one:
             assert two[step] == pytest.approx(one[step], abs=1e-4), (name, step)
-    assert max(metrics(runs["single"], "train/grad_norm").values()) > 1.0  # clipping was exercised
+    assert max(metric(runs["single"], "train/grad_norm").values()) > 1.0  # clipping was exercised
 
 
 def test_fsdp_checkpoint_is_the_ordinary_format_with_the_same_weights(runs):
@@ -130,7 +117,7 @@ def test_fsdp_checkpoint_is_the_ordinary_format_with_the_same_weights(runs):
 
 
 def test_fsdp_run_resumes_where_it_stopped(runs):
-    straight, resumed = metrics(runs["fsdp"]), metrics(runs["stopped"])
+    straight, resumed = losses(runs["fsdp"]), losses(runs["stopped"])
     assert sorted(resumed) == list(range(1, 7))
     for step in straight:
         assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
@@ -145,7 +132,7 @@ def test_mixture_of_experts_under_fsdp_matches_ddp(corpus, tmp_path):
     args = ("--max-steps", "4", "--batch-size", "4", *COMMON, *TINY_MOE)
     two_processes(*pretrain_args(corpus, tmp_path / "ddp", *args))
     two_processes(*pretrain_args(corpus, tmp_path / "fsdp", *args, "--fsdp"))
-    ddp, fsdp = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert sorted(ddp) == sorted(fsdp) == [1, 2, 3, 4]
     for step in ddp:
         assert fsdp[step] == pytest.approx(ddp[step], abs=1e-4), step

@@ -1,1 +1,1 @@
-"""Inference: generation with a KV cache (the full engine arrives with the inference issue)."""
+"""Inference: sampling, streaming text, the continuous-batching engine, and a one-prompt generator."""

@@ -1,7 +1,7 @@
 """The simplest correct generator: one prompt, a KV cache, greedy or temperature sampling.
 
-The quickstart uses it to show sample replies. The batching, streaming engine that the chat,
-server and web page share is built on the same model interface.
+The quickstart uses it to show sample replies, and the engine's tests use it as the reference:
+engine.py, the batching, streaming engine, must produce the same greedy tokens.
 """
 
 from __future__ import annotations

@@ -33,15 +33,25 @@ class KVCache:
         return self.keys.shape[1]
 
     def update(
-        self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: int
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        span: int,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys/values (batch, kv_heads, seq, head_dim) at positions (batch, seq).
 
-        Returns this layer's cache for positions [0, span), all rows.
+        Batch row i uses cache row rows[i] (a 1-D index tensor), or row i when rows is None.
+        Returns this layer's cache for positions [0, span) of those rows.
         """
-        rows = self._rows[: positions.shape[0]]
-        # Advanced indices split by a slice put the indexed dims first: (batch, seq, heads, dim).
-        self.keys[layer][rows, :, positions] = keys.transpose(1, 2).to(self.keys.dtype)
-        self.values[layer][rows, :, positions] = values.transpose(1, 2).to(self.values.dtype)
         n = positions.shape[0]
-        return self.keys[layer, :n, :, :span], self.values[layer, :n, :, :span]
+        index = self._rows[:n] if rows is None else rows[:, None]
+        # Advanced indices split by a slice put the indexed dims first: (batch, seq, heads, dim).
+        self.keys[layer][index, :, positions] = keys.transpose(1, 2).to(self.keys.dtype)
+        self.values[layer][index, :, positions] = values.transpose(1, 2).to(self.values.dtype)
+        if rows is None:
+            return self.keys[layer, :n, :, :span], self.values[layer, :n, :, :span]
+        # An arbitrary set of rows (a continuous batch's active slots) costs one gather.
+        return self.keys[layer, :, :, :span][rows], self.values[layer, :, :, :span][rows]

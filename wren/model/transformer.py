@@ -62,7 +62,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.cache.update(self.layer, cache.positions, k, v, cache.span)
+            k, v = cache.cache.update(self.layer, cache.positions, k, v, cache.span, cache.rows)
         # No mask means a fresh causal sequence: SDPA's is_causal path, the fused kernels' fastest.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
@@ -76,6 +76,7 @@ class CacheWrite(NamedTuple):
     cache: KVCache
     positions: torch.Tensor
     span: int
+    rows: torch.Tensor | None = None  # the cache row of each batch row; None: rows 0..batch-1
 
 
 def attention_mask(
@@ -178,10 +179,12 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq). positions (batch, seq) place tokens explicitly (needed with a
         cache). document_ids (batch, seq) mark packed documents that must not see each other; pass
-        positions restarting at 0 for each document with them."""
+        positions restarting at 0 for each document with them. cache_rows (batch,) picks the cache
+        row each batch row reads and writes (default: rows 0..batch-1)."""
         seq = input_ids.shape[1]
         if cache is not None and positions is None:
             raise ValueError("a KV cache needs explicit positions")
@@ -189,7 +192,7 @@ class CausalLM(nn.Module):
             raise ValueError("document_ids are for packed training batches, not for a KV cache")
         cache_write = None
         if cache is not None:
-            cache_write = CacheWrite(cache, positions, int(positions.max()) + 1)
+            cache_write = CacheWrite(cache, positions, int(positions.max()) + 1, cache_rows)
         mask = attention_mask(
             seq,
             positions,

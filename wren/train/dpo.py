@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from wren.checkpoint import load_model
 from wren.data.preference import PreferenceBatch, PreferenceBatches, eval_preference_batches
-from wren.data.shards import PreparedData, prepare_datasets
+from wren.data.shards import PreparedData
 from wren.errors import WrenError
 from wren.model import CausalLM
 from wren.tokenizer import Tokenizer
 from wren.train.config import TrainConfig
-from wren.train.objectives import LossResult, Objective, token_losses
+from wren.train.objectives import LossResult, Objective, describe_data, token_losses
 
 
 def sequence_logps(
@@ -84,25 +84,9 @@ class DPO(Objective):
         self.reference = reference
 
     def prepare(self, tokenizer: Tokenizer, cache_dir: Path, *, is_main: bool) -> str:
-        config = self.config
         self.pad_id = tokenizer.pad_token_id or 0
-        self.data = prepare_datasets(
-            config.data,
-            tokenizer,
-            "preference",
-            cache_dir,
-            val_fraction=config.val_fraction,
-            skip_bad_lines=config.skip_bad_lines,
-            workers=config.workers,
-            progress=is_main,
-        )
-        train, val = self.data.train, self.data.val
-        summary = f"preference data: {train.n_docs // 2:,} pairs, {train.n_tokens:,} tokens"
-        if val is not None:
-            summary += f"; validation {val.n_docs // 2:,} pairs"
-        if self.data.skipped:
-            summary += f"; skipped {self.data.skipped:,} bad lines"
-        return summary
+        self.data = self.prepare_data(tokenizer, cache_dir, "preference", is_main=is_main)
+        return describe_data(self.data, "preference", "pairs", docs_per_item=2)  # two documents a pair
 
     def train_batches(self, rank: int, world_size: int) -> PreferenceBatches:
         config = self.config

@@ -40,6 +40,17 @@ class LossResult:
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def describe_data(data: PreparedData, kind: str, noun: str, docs_per_item: int = 1) -> str:
+    """One line for the log: how much training and validation data there is, and what was skipped."""
+    train, val = data.train, data.val
+    summary = f"{kind} data: {train.n_docs // docs_per_item:,} {noun}, {train.n_tokens:,} tokens"
+    if val is not None:
+        summary += f"; validation {val.n_docs // docs_per_item:,} {noun}, {val.n_tokens:,} tokens"
+    if data.skipped:
+        summary += f"; skipped {data.skipped:,} bad lines"
+    return summary
+
+
 def initial_model(config: TrainConfig) -> tuple[CausalLM, Tokenizer]:
     """The starting model, fp32 on the CPU: a checkpoint, or a freshly initialised preset."""
     if config.init is not None:
@@ -93,6 +104,22 @@ class Objective:
         """Build (or reuse) the tokenised data; returns a one-line summary. Only the main process
         writes; the others call again after a barrier and read what it wrote."""
         raise NotImplementedError
+
+    def prepare_data(
+        self, tokenizer: Tokenizer, cache_dir: Path, kind: str, *, is_main: bool
+    ) -> PreparedData:
+        """Tokenise (or reuse) config.data as `kind` rows with the run's split and error settings."""
+        config = self.config
+        return prepare_datasets(
+            config.data,
+            tokenizer,
+            kind,
+            cache_dir,
+            val_fraction=config.val_fraction,
+            skip_bad_lines=config.skip_bad_lines,
+            workers=config.workers,
+            progress=is_main,
+        )
 
     def train_batches(self, rank: int, world_size: int) -> Any:
         """An endless iterator of this rank's micro-batches, with state_dict / load_state_dict."""
@@ -148,25 +175,9 @@ class LanguageModeling(Objective):
         self._byte_lengths: torch.Tensor | None = None
 
     def prepare(self, tokenizer: Tokenizer, cache_dir: Path, *, is_main: bool) -> str:
-        config = self.config
         self.tokenizer = tokenizer
-        self.data = prepare_datasets(
-            config.data,
-            tokenizer,
-            self.kind,
-            cache_dir,
-            val_fraction=config.val_fraction,
-            skip_bad_lines=config.skip_bad_lines,
-            workers=config.workers,
-            progress=is_main,
-        )
-        train, val = self.data.train, self.data.val
-        summary = f"{self.kind} data: {train.n_docs:,} rows, {train.n_tokens:,} tokens"
-        if val is not None:
-            summary += f"; validation {val.n_docs:,} rows, {val.n_tokens:,} tokens"
-        if self.data.skipped:
-            summary += f"; skipped {self.data.skipped:,} bad lines"
-        return summary
+        self.data = self.prepare_data(tokenizer, cache_dir, self.kind, is_main=is_main)
+        return describe_data(self.data, self.kind, "rows")
 
     def train_batches(self, rank: int, world_size: int) -> PretrainBatches | PackedSFTBatches:
         config = self.config

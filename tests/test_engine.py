@@ -1,0 +1,226 @@
+"""The continuous-batching engine gives each request the tokens it would get alone."""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wren.infer.engine import Engine
+from wren.infer.generate import generate_ids
+from wren.infer.sampling import SamplingParams
+from wren.infer.text import REPLACEMENT_CHAR
+from wren.model import CausalLM, preset_config
+from wren.tokenizer import train_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
+ANIMALS = ["cat", "dog", "bird", "fox", "owl", "bee"]
+PLACES = ["mat", "hill", "road", "tree", "lake"]
+CHINESE = "猫坐在垫子上。狗跑过小山。鸟飞向大树。"
+
+
+def corpus_lines(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        english = (
+            f"the {rng.choice(ANIMALS)} sat on the {rng.choice(PLACES)} and the {rng.choice(ANIMALS)} ran."
+        )
+        lines.append(english if rng.random() < 0.6 else CHINESE)
+    return lines
+
+
+def train(model: CausalLM, stream: torch.Tensor, steps: int, seq: int = 48) -> CausalLM:
+    """A few optimizer steps on random windows of a token stream."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq - 1, (8,), generator=generator)
+        batch = torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
+        loss = F.cross_entropy(model(batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("engine")
+    lines = corpus_lines(400)
+    with open(directory / "text.jsonl", "w") as f:
+        for line in lines:
+            f.write(json.dumps({"text": line}, ensure_ascii=False) + "\n")
+    tokenizer = train_tokenizer([directory / "text.jsonl"], vocab_size=400)
+    torch.manual_seed(0)
+    config = preset_config(
+        "micro", vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256
+    )
+    # An end of text after every fourth line only, so that replies run for a while. A short
+    # training run makes greedy text follow the corpus instead of repeating one token.
+    ids = [
+        tokenizer.encode(line + " ") + [tokenizer.eos_token_id] * (i % 4 == 3) for i, line in enumerate(lines)
+    ]
+    return train(CausalLM(config), torch.tensor([t for line in ids for t in line]), steps=60), tokenizer
+
+
+PROMPTS = ["the cat sat", "the owl", "the dog sat on the hill and the", "猫坐在", "the bee sat on the road"]
+
+
+def alone(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    return generate_ids(model, ids, max_new_tokens, stop_ids=tokenizer.stop_token_ids)
+
+
+def test_batched_greedy_equals_one_at_a_time(setup):
+    model, tokenizer = setup
+    # Different lengths, so requests leave at different steps and the active slots get gaps.
+    lengths = [24, 7, 15, 3, 30]
+    expected = [alone(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    assert len({tuple(e[:3]) for e in expected}) > 1  # the model is not degenerate
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in lengths]
+    for batch_size in (16, 2):  # with 2 slots, requests wait and reuse freed slots
+        results = Engine(model, tokenizer, max_batch_size=batch_size).generate(PROMPTS, params)
+        assert [r.token_ids for r in results] == expected
+        for r in results:
+            assert r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+def test_request_joining_mid_batch(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    first = [engine.submit(p, SamplingParams(temperature=0.0, max_new_tokens=40)) for p in PROMPTS[:2]]
+    for _ in range(5):
+        engine.step()
+    late = engine.submit(PROMPTS[2], GREEDY)
+    while engine.has_work:
+        engine.step()
+    assert late.result.token_ids == alone(model, tokenizer, PROMPTS[2])
+    assert [r.result.token_ids for r in first] == [alone(model, tokenizer, p, 40) for p in PROMPTS[:2]]
+
+
+def test_reused_slot_matches_fresh_engine(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    long = engine.generate(["the dog sat on the hill and the fox ran. the cat"], GREEDY)[0]
+    assert long.prompt_tokens + long.completion_tokens > len(tokenizer.encode("the owl")) + 5
+    reused = engine.generate(["the owl"], GREEDY)[0]
+    fresh = Engine(model, tokenizer, max_batch_size=1).generate(["the owl"], GREEDY)[0]
+    assert reused.token_ids == fresh.token_ids == alone(model, tokenizer, "the owl")
+
+
+def test_stop_string_across_tokens_is_not_leaked(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer)
+    full = engine.generate(["the cat sat"], GREEDY)[0]
+    # A stop string that starts inside one token and ends inside the next.
+    pieces = [tokenizer.decode([t]) for t in full.token_ids]
+    k = next(i for i in range(1, len(pieces)) if len(pieces[i - 1]) > 1 and len(pieces[i]) > 1)
+    boundary = len("".join(pieces[:k]))
+    stop = full.text[boundary - 1 : boundary + 1]
+    expected = full.text[: full.text.index(stop)]
+    deltas = list(
+        engine.stream("the cat sat", SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop]))
+    )
+    assert "".join(deltas) == expected
+    result = engine.generate(
+        ["the cat sat"], SamplingParams(temperature=0.0, max_new_tokens=24, stop=[stop])
+    )[0]
+    assert result.text == expected and result.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_alone_and_batched(setup):
+    model, tokenizer = setup
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=20)
+    first = Engine(model, tokenizer).generate(["the fox"], seeded)[0]
+    again = Engine(model, tokenizer).generate(["the fox"], seeded)[0]
+    others = [SamplingParams(temperature=1.0, max_new_tokens=30), SamplingParams(temperature=0.8, seed=3)]
+    batched = Engine(model, tokenizer).generate(["the cat", "the fox", "狗"], [others[0], seeded, others[1]])
+    assert first.token_ids == again.token_ids == batched[1].token_ids
+    assert first.text == batched[1].text
+
+
+def test_cancel_frees_the_slot_at_once(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    long = engine.submit("the cat", SamplingParams(temperature=0.0, max_new_tokens=200))
+    engine.step()
+    waiting = engine.submit("the owl", GREEDY)
+    engine.step()
+    assert waiting.slot is None and waiting.sampled == 0
+    engine.cancel(long)
+    assert long.result.finish_reason == "cancelled" and long.result.completion_tokens == 2
+    engine.step()
+    assert waiting.slot == 0 and waiting.sampled == 1
+    while engine.has_work:
+        engine.step()
+    assert waiting.result.token_ids == alone(model, tokenizer, "the owl")
+    # Closing a stream part-way cancels its request.
+    deltas = engine.stream("the cat", SamplingParams(temperature=0.0, max_new_tokens=200))
+    next(deltas)
+    assert engine.has_work
+    deltas.close()
+    assert not engine.has_work
+
+
+def test_finish_reasons_and_token_counts(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer)
+    prompt_ids = tokenizer.encode("the cat sat")
+    full = engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=6))[0]
+    assert (full.finish_reason, full.prompt_tokens, full.completion_tokens) == ("length", len(prompt_ids), 6)
+    stop_token = full.token_ids[3]
+    first_stop = full.token_ids.index(stop_token)
+    stopped = engine.generate(
+        [prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=6, stop_token_ids=[stop_token])
+    )[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[:first_stop]
+    assert stopped.completion_tokens == first_stop + 1  # the stop token counts, but is not shown
+    assert stopped.text == tokenizer.decode(full.token_ids[:first_stop])
+    # The context fills first: prompt plus completion never exceed max_seq_len.
+    small = Engine(model, tokenizer, max_seq_len=len(prompt_ids) + 3)
+    capped = small.generate([prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=50))[0]
+    assert (capped.finish_reason, capped.completion_tokens) == ("length", 3)
+
+
+def test_chat_messages_and_penalties(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer, prefill_chunk=4)  # several prefill chunks per prompt
+    messages = [{"role": "user", "content": "the cat sat on the mat"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    result = engine.generate([messages], GREEDY)[0]
+    assert result.prompt_tokens == len(ids)
+    assert result.token_ids == generate_ids(model, ids, 24, stop_ids=tokenizer.stop_token_ids)
+    penalised = SamplingParams(
+        temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5, max_new_tokens=24
+    )
+    mixed = engine.generate(["the cat sat", "the cat sat"], [penalised, GREEDY])
+    assert mixed[1].token_ids == alone(model, tokenizer, "the cat sat")
+    assert mixed[0].token_ids != mixed[1].token_ids
+
+
+def test_chinese_stream_has_no_replacement_characters(setup):
+    model, tokenizer = setup
+    # Text the tokenizer never saw is split into byte tokens, three per character: memorise it.
+    unseen = "我们喜欢学习中文，今天天气很好。"
+    model = train(copy.deepcopy(model).train(), torch.tensor(tokenizer.encode(unseen * 30)), steps=150)
+    expected = alone(model, tokenizer, unseen[:4], 30)
+    assert any(REPLACEMENT_CHAR in tokenizer.decode([t]) for t in expected)  # split characters
+    deltas = list(
+        Engine(model, tokenizer).stream(unseen[:4], SamplingParams(temperature=0.0, max_new_tokens=30))
+    )
+    text = "".join(deltas)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text)
+    assert all(REPLACEMENT_CHAR not in d for d in deltas)
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_bad_prompts_are_rejected(setup):
+    model, tokenizer = setup
+    engine = Engine(model, tokenizer, max_seq_len=8)
+    with pytest.raises(Exception, match="empty"):
+        engine.submit([], GREEDY)
+    with pytest.raises(Exception, match="context"):
+        engine.submit(list(range(8)), GREEDY)
