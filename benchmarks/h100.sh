@@ -15,3 +15,4 @@ for f in bench-data/*.xz; do [ -f "${f%.xz}" ] || xz -dk -T0 "$f"; done
 python benchmarks/pretrain_quality.py --preset small --tokens 1e9 --seq-len 512 --batch-size 64 \
     --data bench-data/gutenberg_en.jsonl bench-data/chinese_poetry.jsonl --work "$OUT/quality" \
     2>&1 | grep -v '^step' | tee "$OUT/quality.md"
+python benchmarks/decode.py --preset small --streams 1 16 64 --new-tokens 128 2>&1 | tee "$OUT/decode.md"

@@ -1,0 +1,83 @@
+"""Decode throughput of the native engine for 1, 16 and 64 concurrent streams. Prints a Markdown table.
+
+    python benchmarks/decode.py --preset small --streams 1 16 64 --new-tokens 128
+    python benchmarks/decode.py --device cpu --preset small --streams 1 16 --new-tokens 32
+
+A randomly initialised preset (decode speed does not depend on the weights' values) with a
+tokenizer trained on the demo corpus. Each stream gets a 32-token prompt and greedy decoding;
+tokens/s counts generated tokens over the whole run (prefill included), as a user sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wren.data.demo import write_demo_pretrain
+from wren.infer.engine import Engine
+from wren.infer.sampling import SamplingParams
+from wren.model import CausalLM, preset_config
+from wren.tokenizer import Tokenizer, train_tokenizer
+
+
+def demo_tokenizer(vocab_size: int) -> Tokenizer:
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = Path(scratch) / "demo.jsonl"
+        write_demo_pretrain(corpus, max_bytes=1_000_000)
+        return train_tokenizer([corpus], vocab_size=vocab_size)
+
+
+def run(engine: Engine, streams: int, prompt: list[int], new_tokens: int) -> tuple[int, float]:
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    results = engine.generate([prompt] * streams, params)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return sum(r.completion_tokens for r in results), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: train one on the demo corpus)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(
+        args.dtype, getattr(torch, args.dtype, None)
+    )
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else demo_tokenizer(6400)
+    torch.manual_seed(0)
+    model = CausalLM(preset_config(args.preset, vocab_size=tokenizer.vocab_size)).to(device, dtype).eval()
+    prompt = torch.randint(
+        5, tokenizer.vocab_size, (32,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
+
+    print(
+        f"# decode: {args.preset}, {device} {dtype}, {torch.get_num_threads()} threads, "
+        "greedy, 32-token prompts"
+    )
+    print("\n| streams | new tokens each | generated | seconds | tokens/s | ms per step |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for streams in args.streams:
+        engine = Engine(model, tokenizer, max_batch_size=streams)
+        run(engine, streams, prompt, 4)  # warm up allocations (and kernels on a GPU)
+        generated, seconds = run(engine, streams, prompt, args.new_tokens)
+        steps = generated / streams
+        print(
+            f"| {streams} | {args.new_tokens} | {generated:,} | {seconds:.2f} | {generated / seconds:,.0f} "
+            f"| {1000 * seconds / max(steps, 1):.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
