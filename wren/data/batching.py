@@ -76,6 +76,11 @@ class _EpochStream:
         self.offset = 0
         self._rows: list[Any] | None = None
 
+    def _require_items(self, dataset: TokenDataset, count: int, noun: str) -> None:
+        # An epoch of no rows would leave _take_global_rows looping forever in search of one.
+        if count == 0:
+            raise WrenError(f"{dataset.directory}: no {noun}; expected at least one to train on")
+
     def _epoch_rows(self, epoch: int) -> list[Any]:
         raise NotImplementedError
 
@@ -209,9 +214,7 @@ class PackedSFTBatches(_EpochStream):
         super().__init__(batch_size, seq_len, seed, rank, world_size)
         if dataset.mask is None:
             raise WrenError(f"{dataset.directory}: SFT batches need a dataset with a loss mask")
-        # An epoch of no rows would leave _take_global_rows looping forever in search of one.
-        if dataset.n_docs == 0:
-            raise WrenError(f"{dataset.directory}: no conversations; expected at least one to train on")
+        self._require_items(dataset, dataset.n_docs, "conversations")
         self.dataset = dataset
         self.pad_id = pad_id
         self.lengths = np.asarray(dataset.lengths)

@@ -65,9 +65,7 @@ class PreferenceBatches(_EpochStream):
     ) -> None:
         super().__init__(batch_size, seq_len, seed, rank, world_size)
         check_preference_dataset(dataset)
-        # An epoch of no pairs would leave _take_global_rows looping forever in search of one.
-        if dataset.n_docs == 0:
-            raise WrenError(f"{dataset.directory}: no preference pairs; expected at least one to train on")
+        self._require_items(dataset, dataset.n_docs // 2, "preference pairs")
         self.dataset = dataset
         self.pad_id = pad_id
 

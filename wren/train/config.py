@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from wren.errors import WrenError
+from wren.model.lora import ADAPTABLE_LAYERS
 
 OBJECTIVES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
 # Objectives that refine an existing model: they need --init, not a fresh preset.
 FROM_CHECKPOINT = ("lora", "dpo", "distill", "reason")
-LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_LAYERS = ADAPTABLE_LAYERS
 SCHEDULES = ("cosine", "wsd", "constant")
 LOGGERS = ("tensorboard", "wandb", "none")
 

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from wren.checkpoint import load_model
-from wren.data.batching import IGNORE_INDEX, Batch, eval_batches
+from wren.data.batching import IGNORE_INDEX, Batch
 from wren.data.formats import detect_kind
 from wren.errors import WrenError
 from wren.jsonl import expand_paths, parse_jsonl_line
 from wren.model import CausalLM
 from wren.tokenizer import Tokenizer
 from wren.train.config import TrainConfig
-from wren.train.objectives import LanguageModeling, LossResult
+from wren.train.objectives import LanguageModeling, LossResult, forward_batch, position_losses
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,19 +132,13 @@ class Distillation(LanguageModeling):
             f"alpha {self.config.distill_alpha}, temperature {self.config.distill_temperature}"
         )
 
-    def _logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = batch.input_ids.to(self.device, non_blocking=True)
-        positions = batch.positions.to(self.device) if batch.positions is not None else None
-        document_ids = batch.document_ids.to(self.device) if batch.document_ids is not None else None
-        return model(input_ids, positions=positions, document_ids=document_ids)
-
     def _kl_at_targets(
         self, student_logits: torch.Tensor, batch: Batch, targets: torch.Tensor
     ) -> torch.Tensor:
         """Per target position: the KL from the teacher to the student (teacher without gradients)."""
         selected = targets != IGNORE_INDEX
         with torch.no_grad():
-            teacher_logits = self._logits(self.teacher, batch)[0][selected][:, : self.vocab]
+            teacher_logits = forward_batch(self.teacher, batch, self.device)[0][selected][:, : self.vocab]
         return distillation_kl(
             student_logits[selected][:, : self.vocab], teacher_logits, self.config.distill_temperature
         )
@@ -152,37 +146,17 @@ class Distillation(LanguageModeling):
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossResult:
         config = self.config
         targets = batch.targets.to(self.device, non_blocking=True)
-        logits, aux_loss = self._logits(model, batch)
+        logits, aux_loss = forward_batch(model, batch, self.device)
         # The same cross-entropy as SFT and pretraining, op for op, so alpha = 1 reproduces them bit for bit.
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).sum()
+        ce = position_losses(logits, targets).sum()
         kl = self._kl_at_targets(logits, batch, targets).sum()
         temperature = config.distill_temperature
         loss = config.distill_alpha * ce + (1.0 - config.distill_alpha) * temperature**2 * kl
         return LossResult(loss, batch.n_target_tokens, aux_loss, {"ce": ce.detach(), "kl": kl.detach()})
 
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """LanguageModeling's val/loss and val/bpb, plus val/kl: the mean KL from the teacher to
-        the student over the validation targets, at the training temperature."""
-        metrics = super().evaluate(model)
-        if not metrics:
-            return metrics
-        config, total_kl, total_tokens = self.config, 0.0, 0
-        for batch in eval_batches(
-            self.data.val,
-            self.kind,
-            config.batch_size,
-            config.seq_len,
-            config.eval_batches,
-            pad_id=self.tokenizer.pad_token_id,
-        ):
-            targets = batch.targets.to(self.device)
-            total_kl += float(self._kl_at_targets(self._logits(model, batch)[0], batch, targets).sum())
-            total_tokens += batch.n_target_tokens
-        metrics["val/kl"] = total_kl / max(total_tokens, 1)
-        return metrics
+    def validation_sums(
+        self, logits: torch.Tensor, batch: Batch, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """val/kl: the mean KL from the teacher to the student over the validation targets, at the
+        training temperature, from the forward pass that also gives val/loss."""
+        return {"kl": self._kl_at_targets(logits, batch, targets).sum()}

@@ -148,19 +148,30 @@ class Objective:
         save_checkpoint(model, target, tokenizer=tokenizer, write_extra=write_extra)
 
 
+def forward_batch(
+    model: torch.nn.Module, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (logits, aux_loss) for a batch, with its positions and document ids if any."""
+    input_ids = batch.input_ids.to(device, non_blocking=True)
+    positions = batch.positions.to(device) if batch.positions is not None else None
+    document_ids = batch.document_ids.to(device) if batch.document_ids is not None else None
+    return model(input_ids, positions=positions, document_ids=document_ids)
+
+
+def position_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats at every position (0 where targets are -100), shaped like targets."""
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return losses.view_as(targets)
+
+
 def token_losses(
     model: torch.nn.Module, batch: Batch, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position cross-entropy in nats (0 where targets are -100) and the MoE aux loss."""
-    input_ids = batch.input_ids.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
-    positions = batch.positions.to(device) if batch.positions is not None else None
-    document_ids = batch.document_ids.to(device) if batch.document_ids is not None else None
-    logits, aux_loss = model(input_ids, positions=positions, document_ids=document_ids)
-    losses = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-    )
-    return losses.view_as(targets), aux_loss
+    logits, aux_loss = forward_batch(model, batch, device)
+    return position_losses(logits, batch.targets.to(device, non_blocking=True)), aux_loss
 
 
 class LanguageModeling(Objective):
@@ -215,6 +226,7 @@ class LanguageModeling(Objective):
             self._byte_lengths = torch.as_tensor(token_byte_lengths(self.tokenizer), dtype=torch.long)
         config = self.config
         total_nats, total_tokens, total_bytes = 0.0, 0, 0
+        extras: dict[str, float] = {}
         for batch in eval_batches(
             self.data.val,
             self.kind,
@@ -223,17 +235,29 @@ class LanguageModeling(Objective):
             config.eval_batches,
             pad_id=self.tokenizer.pad_token_id,
         ):
-            losses, _ = token_losses(model, batch, self.device)
+            logits, _ = forward_batch(model, batch, self.device)
+            targets = batch.targets.to(self.device)
+            losses = position_losses(logits, targets)
             real = batch.targets != -100
             total_nats += float(losses.sum())
             total_tokens += int(real.sum())
             total_bytes += int(self._byte_lengths[batch.targets[real]].sum())
+            for name, value in self.validation_sums(logits, batch, targets).items():
+                extras[name] = extras.get(name, 0.0) + float(value)
         if total_tokens == 0:
             return {}
         return {
             "val/loss": total_nats / total_tokens,
             "val/bpb": total_nats / (math.log(2) * max(total_bytes, 1)),
+            **{f"val/{name}": value / total_tokens for name, value in extras.items()},
         }
+
+    def validation_sums(
+        self, logits: torch.Tensor, batch: Batch, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Further validation quantities, summed over the batch's target tokens, computed from the
+        same forward pass as the loss; reported per target token as val/<name>."""
+        return {}
 
 
 # Every objective by name, as "module:class", imported when chosen: objectives live in modules
