@@ -1,7 +1,11 @@
-"""Decode throughput of the native engine for 1, 16 and 64 concurrent streams. Prints a Markdown table.
+"""Decode throughput of the engine for 1, 16 and 64 concurrent streams. Prints a Markdown table.
 
     python benchmarks/decode.py --preset small --streams 1 16 64 --new-tokens 128
     python benchmarks/decode.py --device cpu --preset small --streams 1 16 --new-tokens 32
+    python benchmarks/decode.py --backend transformers ...   # the engine over transformers' model
+    python benchmarks/decode.py --backend hf-generate ...    # transformers' own generate(), the reference
+
+--backend native (the default) is Wren's engine on its own model code.
 
 A randomly initialised preset (decode speed does not depend on the weights' values) with a
 tokenizer trained on the demo corpus. Each stream gets a 32-token prompt and greedy decoding;
@@ -21,6 +25,7 @@ from wren.data.demo import write_demo_pretrain
 from wren.infer.engine import Engine
 from wren.infer.sampling import SamplingParams
 from wren.model import CausalLM, preset_config
+from wren.model.quant import quantize_int8, weight_bytes
 from wren.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -32,12 +37,34 @@ def demo_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def run(engine: Engine, streams: int, prompt: list[int], new_tokens: int) -> tuple[int, float]:
-    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    # ignore_eos: every stream generates exactly new_tokens, whatever the random weights say.
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     results = engine.generate([prompt] * streams, params)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     return sum(r.completion_tokens for r in results), time.perf_counter() - start
+
+
+def run_hf_generate(model, streams: int, prompt: list[int], new_tokens: int) -> tuple[int, float]:
+    ids = torch.tensor([prompt] * streams, device=model.device)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (out.shape[1] - len(prompt)) * streams, time.perf_counter() - start
+
+
+def transformers_model(model: CausalLM, tokenizer: Tokenizer, scratch: Path):
+    """The same weights loaded by transformers, from a checkpoint written to `scratch`."""
+    from transformers import AutoModelForCausalLM
+
+    from wren.checkpoint import save_checkpoint
+
+    param = next(model.parameters())
+    save_checkpoint(model, scratch / "model", tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(scratch / "model", dtype=param.dtype)
+    return hf.to(param.device).eval()
 
 
 def main() -> None:
@@ -48,6 +75,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: train one on the demo corpus)")
+    parser.add_argument("--backend", choices=["native", "transformers", "hf-generate"], default="native")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (native backend)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -61,16 +90,28 @@ def main() -> None:
         5, tokenizer.vocab_size, (32,), generator=torch.Generator().manual_seed(0)
     ).tolist()
 
+    scratch = tempfile.TemporaryDirectory()
+    if args.backend != "native":
+        model = transformers_model(model, tokenizer, Path(scratch.name))
+    elif args.quantize:
+        quantize_int8(model)
+
     print(
-        f"# decode: {args.preset}, {device} {dtype}, {torch.get_num_threads()} threads, "
+        f"# decode: {args.backend}{' int8' if args.quantize else ''}, {args.preset}, {device} {dtype}, "
+        f"{torch.get_num_threads()} threads, weights {weight_bytes(model) / 1e6:.1f} MB, "
         "greedy, 32-token prompts"
     )
     print("\n| streams | new tokens each | generated | seconds | tokens/s | ms per step |")
     print("|---:|---:|---:|---:|---:|---:|")
     for streams in args.streams:
-        engine = Engine(model, tokenizer, max_batch_size=streams)
-        run(engine, streams, prompt, 4)  # warm up allocations (and kernels on a GPU)
-        generated, seconds = run(engine, streams, prompt, args.new_tokens)
+        if args.backend == "hf-generate":
+            with torch.inference_mode():
+                run_hf_generate(model, streams, prompt, 4)
+                generated, seconds = run_hf_generate(model, streams, prompt, args.new_tokens)
+        else:
+            engine = Engine(model, tokenizer, max_batch_size=streams)
+            run(engine, streams, prompt, 4)  # warm up allocations (and kernels on a GPU)
+            generated, seconds = run(engine, streams, prompt, args.new_tokens)
         steps = generated / streams
         print(
             f"| {streams} | {args.new_tokens} | {generated:,} | {seconds:.2f} | {generated / seconds:,.0f} "

@@ -100,3 +100,58 @@ def addition_conversations(count: int) -> list[dict[str, Any]]:
         for a in range(count)
         for b in range(count)
     ]
+
+
+def build_chat_model(
+    directory: Path, steps: int = 150, thinking: bool = False, settings: dict[str, Any] | None = None
+) -> Path:
+    """A tiny chat model that has learnt the addition conversations, saved as a Wren checkpoint
+    (with its tokenizer) in `directory`. A few seconds on a CPU; greedy replies are real text
+    ("3 plus 4 is 7.") that stop at <|im_end|>, so chat, generation and serving tests see
+    multi-token answers and proper stops. With `thinking`, every reply first reasons inside
+    <think>...</think> ("adding the numbers"), as a reasoning model does. `settings` override
+    model settings (e.g. {"qkv_bias": True} for a Qwen2-shaped model)."""
+    import torch
+    import torch.nn.functional as F
+
+    from wren.checkpoint import save_checkpoint
+    from wren.model import CausalLM, preset_config
+    from wren.tokenizer import train_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = addition_conversations(10)
+    if thinking:
+        for row in rows:
+            reply = row["conversations"][1]
+            reply["content"] = f"<think>adding the numbers</think>{reply['content']}"
+    corpus = directory / "conversations.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": c["content"]}) + "\n" for r in rows for c in r["conversations"])
+    )
+    tokenizer = train_tokenizer([corpus], vocab_size=300)
+    stream = torch.tensor(
+        [
+            t
+            for r in rows
+            for t in [*tokenizer.apply_chat_template(r["conversations"]), tokenizer.eos_token_id]
+        ]
+    )
+    torch.manual_seed(0)
+    config = preset_config(
+        "micro",
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=256,
+        **{**TINY_MODEL_SETTINGS, **(settings or {})},
+    )
+    model = CausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    generator = torch.Generator().manual_seed(0)
+    seq = 64
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq - 1, (16,), generator=generator).tolist()
+        batch = torch.stack([stream[s : s + seq + 1] for s in starts])
+        loss = F.cross_entropy(model(batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_checkpoint(model.eval(), directory / "model", tokenizer)

@@ -81,8 +81,11 @@ def test_batched_greedy_equals_one_at_a_time(setup):
     expected = [alone(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
     assert len({tuple(e[:3]) for e in expected}) > 1  # the model is not degenerate
     params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in lengths]
-    for batch_size in (16, 2):  # with 2 slots, requests wait and reuse freed slots
-        results = Engine(model, tokenizer, max_batch_size=batch_size).generate(PROMPTS, params)
+    # 16 slots: every prompt is prefilled in one padded pass (in chunks of 3 positions, too);
+    # 2 slots: requests wait and reuse freed slots.
+    for batch_size, chunk in ((16, 512), (16, 3), (2, 512)):
+        engine = Engine(model, tokenizer, max_batch_size=batch_size, prefill_chunk=chunk)
+        results = engine.generate(PROMPTS, params)
         assert [r.token_ids for r in results] == expected
         for r in results:
             assert r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)
@@ -224,3 +227,29 @@ def test_bad_prompts_are_rejected(setup):
         engine.submit([], GREEDY)
     with pytest.raises(Exception, match="context"):
         engine.submit(list(range(8)), GREEDY)
+
+
+class _StopsOn:
+    """The test tokenizer, with a chosen token as its end-of-sequence token."""
+
+    def __init__(self, tokenizer, stop_token_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_ignore_eos_runs_past_the_tokenizer_stops_but_not_stop_token_ids(setup):
+    model, tokenizer = setup
+    full = alone(model, tokenizer, "the cat sat", 24)
+    eos = full[5]  # a token greedy decoding produces: make it the end of sequence
+    engine = Engine(model, _StopsOn(tokenizer, [eos]))
+    plain, ignoring, explicit = engine.generate(
+        ["the cat sat"] * 3,
+        [GREEDY, SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True),
+         SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, stop_token_ids=[eos])],
+    )  # fmt: skip
+    assert plain.finish_reason == "stop" and plain.token_ids == full[: full.index(eos)]
+    assert ignoring.finish_reason == "length" and ignoring.token_ids == full
+    assert explicit.token_ids == plain.token_ids

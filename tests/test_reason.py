@@ -16,7 +16,7 @@ from wren.checkpoint import init_checkpoint, load_model
 from wren.data.chat import encode_conversation
 from wren.data.demo import demo_texts
 from wren.errors import WrenError
-from wren.infer.thinking import split_thinking
+from wren.infer.thinking import ThinkingStream, opens_thinking, split_thinking
 from wren.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer, train_tokenizer
 from wren.train.config import resolve_config
 from wren.train.objectives import token_losses
@@ -199,22 +199,56 @@ def test_the_chat_template_keeps_the_thinking_and_trains_on_its_tags(corpus):
 # -- split_thinking ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("<think>\nadd them\n</think>\n7", ("add them", "7")),
-        ("<think>add them</think>\n<answer>\n7\n</answer>", ("add them", "7")),  # MiniMind's R1 layout
-        ("add them\n</think>\n\n7", ("add them", "7")),  # the template opened <think> in the prompt
-        ("<think>\nstill thinking", ("still thinking", "")),  # streaming, or cut off
-        ("<think>done</think><answer>7, and", ("done", "7, and")),  # answer still streaming
-        ("just an answer", ("", "just an answer")),
-        ("", ("", "")),
-        ("<think>a</think>b <think>c</think>", ("a", "b <think>c</think>")),  # only the first block
-        ("Sure. <think>a</think>", ("a", "Sure.")),
-    ],
-)
+SPLIT_CASES = [
+    ("<think>\nadd them\n</think>\n7", ("add them", "7")),
+    ("<think>add them</think>\n<answer>\n7\n</answer>", ("add them", "7")),  # MiniMind's R1 layout
+    ("add them\n</think>\n\n7", ("add them", "7")),  # the template opened <think> in the prompt
+    ("<think>\nstill thinking", ("still thinking", "")),  # streaming, or cut off
+    ("<think>done</think><answer>7, and", ("done", "7, and")),  # answer still streaming
+    ("just an answer", ("", "just an answer")),
+    ("", ("", "")),
+    ("<think>a</think>b <think>c</think>", ("a", "b <think>c</think>")),  # only the first block
+    ("Sure. <think>a</think>", ("a", "Sure.")),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SPLIT_CASES)
 def test_split_thinking(text, expected):
     assert split_thinking(text) == expected
+
+
+@pytest.mark.parametrize("text", [case[0] for case in SPLIT_CASES])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_thinking_stream_matches_split_thinking(text, chunk):
+    expected = split_thinking(text)
+    # A reply that closes a reasoning block it never opened had it opened by the prompt.
+    stream = ThinkingStream(opened="</think>" in text and "<think>" not in text)
+    thinking, answer = "", ""
+    for start in range(0, len(text), chunk):
+        t, a = stream.feed(text[start : start + chunk])
+        thinking, answer = thinking + t, answer + a
+        # What was sent is never taken back: no tag fragment leaks into either part.
+        assert expected[0].startswith(thinking) and expected[1].startswith(answer)
+    t, a = stream.finish()
+    assert (thinking + t, answer + a) == expected
+
+
+def test_thinking_stream_holds_back_a_split_tag():
+    stream = ThinkingStream()
+    assert stream.feed("<th") == ("", "")
+    assert stream.feed("ink>add") == ("add", "")
+    assert stream.feed(" them</thi") == (" them", "")
+    assert stream.feed("nk>\n7") == ("", "7")
+    assert stream.feed(" <") == ("", "")  # may start a tag...
+    assert stream.finish() == ("", " <")  # ...but the reply ended: it was text
+
+
+def test_thinking_stream_opened_by_the_prompt():
+    prompt = "<|im_start|>assistant\n<think>\n"
+    assert opens_thinking(prompt) and not opens_thinking("<|im_start|>assistant\n")
+    stream = ThinkingStream(opened=opens_thinking(prompt))
+    assert stream.feed("add them") == ("add them", "")
+    assert stream.feed("</think>7") == ("", "7")
 
 
 def test_split_thinking_needs_no_torch():

@@ -240,6 +240,26 @@ def test_inverse_cdf_never_picks_an_impossible_token():
     assert _inverse_cdf(logits, u).tolist() == [1, 4, 4, 4]
 
 
+def test_extreme_penalties_still_sample_a_possible_token():
+    # A repetition penalty near 0 divides positive logits of seen tokens by ~0: +inf (and 0 / 0
+    # is NaN). Those tokens then share the draw; nothing outside the vocabulary comes out.
+    logits = random_logits(3)
+    logits[:, 5] = 0.0
+    counts = torch.zeros(3, VOCAB, dtype=torch.int32)
+    counts[:, :8] = 1
+    params = [
+        SamplingParams(repetition_penalty=1e-300),
+        SamplingParams(repetition_penalty=1e-300, temperature=0.5, top_p=0.9),
+        SamplingParams(repetition_penalty=1e300, top_k=5),
+    ]
+    for seed in range(20):
+        torch.manual_seed(seed)
+        tokens = sample(logits, params, counts).tolist()
+        for row in (0, 1):
+            assert tokens[row] in {t for t in range(8) if logits[row, t] > 0}
+        assert 0 <= tokens[2] < VOCAB
+
+
 def test_update_counts_accumulates_repeated_rows():
     counts = torch.zeros(3, 5, dtype=torch.int32)
     update_counts(counts, [0, 2, 0], torch.tensor([4, 1, 4]))

@@ -100,6 +100,61 @@ def _cmd_lora_merge(args: argparse.Namespace) -> None:
     print(f"{args.base} + {args.adapter} merged and written to {args.out}")
 
 
+def _cmd_convert_minimind(args: argparse.Namespace) -> None:
+    from wren.interop.minimind import convert_minimind
+
+    result = convert_minimind(
+        args.checkpoint, args.out, tokenizer=args.tokenizer, overrides=dict(args.set), dtype=args.dtype
+    )
+    config = result.config
+    shape = f"dim {config.dim}, {config.n_layers} layers, {config.n_heads}/{config.n_kv_heads} q/kv heads"
+    if config.is_moe:
+        shape += f", {config.n_experts} experts top-{config.n_experts_per_token} + shared expert"
+    print(f"{result.layout} checkpoint, {result.parameters:,} parameters ({shape}), written to {args.out}")
+    if not result.has_tokenizer:
+        print(f"note: {args.out} has no tokenizer yet; convert again with --tokenizer DIR (MiniMind's)")
+
+
+def _cmd_hub_download(args: argparse.Namespace) -> None:
+    from wren.interop.hub import download
+
+    result = download(
+        args.repo_id,
+        args.out,
+        source=args.source,
+        revision=args.revision,
+        include=args.include,
+        exclude=args.exclude,
+    )
+    print(
+        f"{len(result.files)} files of {result.repo_id}@{result.revision} written to {result.out_dir}; "
+        f"{result.verified} checked against the hub's hashes; manifest {result.sums_file}"
+    )
+
+
+def _cmd_hub_verify(args: argparse.Namespace) -> int:
+    from wren.interop.checksums import format_verify_report, verify_directory
+
+    report = verify_directory(args.dir, args.sums)
+    print(format_verify_report(report, strict=args.strict))
+    return 0 if report.ok(strict=args.strict) else 1
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> None:
+    try:
+        import gguf  # noqa: F401 (checked here so a missing extra is one clear line)
+    except ImportError:
+        raise WrenError("GGUF export needs the gguf package: pip install 'wrenlm[gguf]'") from None
+    from wren.interop.gguf import export_gguf
+
+    result = export_gguf(args.model, args.out, file_type=args.type, allow_pickle=args.allow_pickle)
+    size = result.size_bytes / 1e6
+    print(
+        f"{result.architecture} GGUF ({result.file_type}, {result.tensors} tensors, {size:,.1f} MB) "
+        f"written to {result.path}"
+    )
+
+
 # Training options that map one-to-one onto TrainConfig fields: (field, type, help).
 _TRAIN_OPTIONS = [
     ("seq_len", int, "tokens per training sequence (default 512)"),
@@ -229,6 +284,314 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     print(next_steps(model_dir, wren))
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """How a generating verb opens its model: the same flags on chat, generate, serve and web."""
+    parser.add_argument("model", help="model directory (a Wren or Hugging Face checkpoint), or a hub id")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "native", "transformers"],
+        default="auto",
+        help="auto (default): Wren's engine for Llama/Mistral/Qwen2(-MoE), transformers for the rest",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) merged in at load")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="let transformers run the model's own code"
+    )
+    parser.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
+    parser.add_argument(
+        "--quantize", choices=["int8"], help="int8 weights (native backend): ~2.5x faster CPU decoding"
+    )
+
+
+def open_engine(args: argparse.Namespace, max_batch_size: int = 16):  # -> wren.infer.engine.Engine
+    from wren.infer.load import load_engine
+
+    return load_engine(
+        args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        adapter=args.adapter,
+        trust_remote_code=args.trust_remote_code,
+        max_batch_size=max_batch_size,
+        max_seq_len=args.max_seq_len,
+        quantize=args.quantize,
+    )
+
+
+# Sampling flags of chat and generate: (flag, SamplingParams field, type, default, help).
+_SAMPLING_OPTIONS = [
+    ("--temperature", "temperature", float, 0.7, "0 is greedy (default 0.7)"),
+    ("--top-p", "top_p", float, 0.9, "nucleus sampling mass (default 0.9)"),
+    ("--top-k", "top_k", int, None, "sample among the k likeliest tokens (default: no limit)"),
+    ("--min-p", "min_p", float, 0.0, "drop tokens below this share of the likeliest one (default 0)"),
+    ("--repetition-penalty", "repetition_penalty", float, 1.0, "above 1 discourages repeats (default 1)"),
+    ("--max-new-tokens", "max_new_tokens", int, 512, "longest reply in tokens (default 512)"),
+    ("--seed", "seed", int, None, "sampling seed, for reproducible replies"),
+]
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    for flag, name, kind, default, text in _SAMPLING_OPTIONS:
+        parser.add_argument(flag, dest=name, type=kind, default=default, help=text)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args: argparse.Namespace):  # -> wren.infer.sampling.SamplingParams
+    from wren.infer.sampling import SamplingParams
+
+    values = {name: getattr(args, name) for _, name, _, _, _ in _SAMPLING_OPTIONS}
+    return SamplingParams.from_dict({**values, "stop": args.stop})
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from wren.chat import ChatSession, read_terminal_line
+
+    params = _sampling_params(args)
+    engine = open_engine(args, max_batch_size=1)
+    session = ChatSession(engine, params, system=args.system, show_thinking=args.show_thinking)
+    session.run(read_terminal_line)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from wren.batch import generate_file
+
+    params = _sampling_params(args)
+    engine = open_engine(args, max_batch_size=args.batch_size)
+    totals = generate_file(engine, Path(args.input), Path(args.output), params)
+    print(
+        f"{totals['prompts']:,} replies ({totals['completion_tokens']:,} tokens, "
+        f"{totals['prompt_tokens']:,} prompt tokens) written to {args.output}"
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from wren.serve.server import require_dependencies, serve
+
+    require_dependencies()
+    engine = open_engine(args, max_batch_size=args.max_batch_size)
+    serve(
+        engine,
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("WREN_API_KEY") or None,
+        served_model_name=args.served_model_name,
+        max_concurrency=args.max_concurrency,
+        log_level=args.log_level,
+    )
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _finish_eval(args: argparse.Namespace, task: str, data: object, summary: dict, text: str) -> None:
+    """Print the result (a table, or JSON with --json) and append it to RUN_DIR/evals.jsonl with --save."""
+    print(
+        json.dumps({"task": task, "model": args.model, "data": data, **summary}, indent=2)
+        if args.json
+        else text
+    )
+    if args.save:
+        from wren.eval.records import save_record
+
+        path = save_record(args.save, task, args.model, data, summary)
+        print(f"saved to {path}", file=sys.stderr)
+
+
+def _open_for_scoring(args: argparse.Namespace):  # -> (CausalLM, Tokenizer)
+    from wren.eval.loading import load_for_scoring
+
+    model, tokenizer = load_for_scoring(args.model, args.device, args.dtype, args.allow_pickle, args.adapter)
+    if args.quantize:
+        from wren.model.quant import quantize_int8
+
+        quantize_int8(model)
+    return model, tokenizer
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> None:
+    from wren.eval.perplexity import evaluate_perplexity, format_perplexity
+
+    model, tokenizer = _open_for_scoring(args)
+    result = evaluate_perplexity(model, tokenizer, args.data, args.seq_len, args.batch_size, args.limit)
+    _finish_eval(args, "ppl", args.data, result.to_dict(), format_perplexity(result))
+
+
+def _cmd_eval_choice(args: argparse.Namespace) -> None:
+    from wren.eval.choice import evaluate_choice, format_choice, limit_per_subject
+    from wren.eval.choice_data import read_choice_rows
+    from wren.progress import ItemProgress
+
+    rows = read_choice_rows(args.data)
+    pool = read_choice_rows(args.shots_data) if args.shots_data else rows
+    selected = limit_per_subject(rows, args.limit)
+    model, tokenizer = _open_for_scoring(args)
+    progress = ItemProgress(len(selected), unit="questions")
+    result = evaluate_choice(
+        model,
+        tokenizer,
+        selected,
+        shots=args.shots,
+        shot_pool=pool,
+        batch_size=args.batch_size,
+        progress=progress.update,
+    )
+    progress.close()
+    _finish_eval(args, "choice", args.data, result.to_dict(), format_choice(result))
+
+
+def _cmd_eval_gsm8k(args: argparse.Namespace) -> None:
+    from wren.eval.gsm8k import evaluate_gsm8k, format_gsm8k, read_math_rows
+    from wren.progress import ItemProgress
+
+    rows = read_math_rows(args.data)[: args.limit]
+    pool = read_math_rows(args.shots_data) if args.shots_data else rows
+    engine = open_engine(args, max_batch_size=args.batch_size)
+    progress = ItemProgress(len(rows), unit="problems")
+    result = evaluate_gsm8k(
+        engine,
+        rows,
+        shots=args.shots,
+        shot_pool=pool,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.plain,
+        progress=progress.update,
+    )
+    progress.close()
+    if args.predictions:
+        from wren.atomic import atomic_write_text
+
+        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions)
+        atomic_write_text(args.predictions, lines)
+    _finish_eval(args, "gsm8k", args.data, result.to_dict(), format_gsm8k(result))
+
+
+def _cmd_eval_report(args: argparse.Namespace) -> None:
+    from wren.eval.report import write_report
+
+    path = write_report(
+        args.run_dir, args.out, samples=args.samples, sample_tokens=args.sample_tokens, device=args.device
+    )
+    print(f"report written to {path}")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser, scoring: bool) -> None:
+    """Options every `wren eval` task shares; `scoring` tasks read logits from Wren's model code."""
+    if scoring:
+        parser.add_argument("model", help="model directory (Llama, Mistral, Qwen2 or Qwen2-MoE shaped)")
+        parser.add_argument(
+            "--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16"
+        )
+        parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
+        parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) merged in at load")
+        parser.add_argument("--allow-pickle", action="store_true", help="read .bin/.pth pickle weights")
+        parser.add_argument("--quantize", choices=["int8"], help="score with int8 weights, as served")
+    else:
+        add_model_options(parser)
+    parser.add_argument(
+        "--batch-size", type=_at_least(1), default=8, help="sequences per forward pass (default 8)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--save", metavar="RUN_DIR", help="append the result to RUN_DIR/evals.jsonl for the report"
+    )
+
+
+def _add_eval_verbs(verbs) -> None:
+    evaluate = verbs.add_parser("eval", help="evaluate a model (ppl, choice, gsm8k) or report on a run")
+    tasks = evaluate.add_subparsers(dest="action", metavar="TASK", required=True)
+
+    ppl = tasks.add_parser(
+        "ppl",
+        help="loss and bits per byte on text",
+        description='Loss (nats per token), perplexity and bits per byte on {"text"} JSONL. Each document '
+        "is scored on its own after the end-of-text token (or the tokenizer's BOS); bits per byte = "
+        "summed loss / ln 2 / UTF-8 bytes, comparable across tokenizers.",
+    )
+    _add_eval_options(ppl, scoring=True)
+    ppl.add_argument("--data", nargs="+", required=True, help="JSONL files or directories of *.jsonl")
+    ppl.add_argument(
+        "--seq-len", type=_at_least(1), help="tokens per window (default: the context, at most 2048)"
+    )
+    ppl.add_argument("--limit", type=_at_least(1), help="score only the first N documents")
+    ppl.set_defaults(func=_cmd_eval_ppl)
+
+    choice = tasks.add_parser(
+        "choice",
+        help="multiple-choice accuracy (MMLU-style)",
+        description='Multiple choice on {"subject", "question", "choices", "answer"} JSONL: the model '
+        'answers with the answer letter of highest logit after an MMLU prompt ending in "Answer:". '
+        "Accuracy per subject and overall.",
+    )
+    _add_eval_options(choice, scoring=True)
+    choice.add_argument("--data", required=True, help="JSONL file of questions")
+    choice.add_argument(
+        "--shots", type=_at_least(0), default=0, help="solved examples before each question (default 0)"
+    )
+    choice.add_argument(
+        "--shots-data", help="take the examples from this file (e.g. MMLU's dev split; default --data)"
+    )
+    choice.add_argument("--limit", type=_at_least(1), help="score only the first N questions of each subject")
+    choice.set_defaults(func=_cmd_eval_choice)
+
+    gsm8k = tasks.add_parser(
+        "gsm8k",
+        help="grade-school maths, generated greedily",
+        description='GSM8K on {"question", "answer"} JSONL (answers end with "#### N"): greedy replies, '
+        "exact match of the number after the reply's last #### (or its last number) with the reference.",
+    )
+    _add_eval_options(gsm8k, scoring=False)
+    gsm8k.add_argument("--data", required=True, help="JSONL file of problems")
+    gsm8k.add_argument("--shots", type=_at_least(0), default=0, help="solved examples before each problem")
+    gsm8k.add_argument("--shots-data", help="take the examples from this file (default --data)")
+    gsm8k.add_argument("--limit", type=_at_least(1), help="solve only the first N problems")
+    gsm8k.add_argument(
+        "--max-new-tokens", type=_at_least(1), default=256, help="longest reply in tokens (default 256)"
+    )
+    gsm8k.add_argument(
+        "--plain", action="store_true", help='plain "Question: ... Answer:" prompts instead of chat messages'
+    )
+    gsm8k.add_argument("--predictions", metavar="FILE", help="write every reply and its grade to this JSONL")
+    gsm8k.set_defaults(func=_cmd_eval_gsm8k)
+
+    report = tasks.add_parser(
+        "report",
+        help="a Markdown report card for a training run",
+        description="Write a Markdown report of a training run: its settings, loss/bpb/lr curves as PNG "
+        "files beside the report (needs the report extra: matplotlib), final validation bits per byte, "
+        "results saved with --save, and the final model's greedy replies to three fixed prompts.",
+    )
+    report.add_argument("run_dir", help="the run's directory (wren train --out)")
+    report.add_argument("--out", help="Markdown file to write (default RUN_DIR/report.md)")
+    report.add_argument(
+        "--samples", action=argparse.BooleanOptionalAction, default=True, help="include sample replies"
+    )
+    report.add_argument(
+        "--sample-tokens", type=_at_least(1), default=64, help="longest sample reply in tokens (default 64)"
+    )
+    report.add_argument("--device", help="device for the sample replies (default: the GPU if there is one)")
+    report.set_defaults(func=_cmd_eval_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wren",
@@ -332,6 +695,80 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="checkpoint directory to write")
     merge.set_defaults(func=_cmd_lora_merge)
 
+    convert = verbs.add_parser("convert", help="import checkpoints from other projects")
+    convert_verbs = convert.add_subparsers(dest="action", metavar="FORMAT", required=True)
+    minimind = convert_verbs.add_parser(
+        "minimind",
+        help="a MiniMind .pth state dict -> a Wren checkpoint",
+        description="Convert a MiniMind checkpoint (torch.save(model.state_dict()), dense or MoE) into a "
+        "Wren checkpoint (a Hugging Face directory). Shapes come from the tensors; heads, rope base and "
+        "norm epsilon from MiniMind's defaults unless set with --set.",
+    )
+    minimind.add_argument("checkpoint", help="the .pth file (loaded with weights_only=True)")
+    minimind.add_argument("--out", required=True, help="checkpoint directory to write")
+    minimind.add_argument("--tokenizer", help="MiniMind's tokenizer directory, copied into the output")
+    minimind.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="dtype to store (default: the file's)"
+    )
+    minimind.add_argument(
+        "--set",
+        type=_parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model setting, e.g. --set n_heads=16 --set rope_theta=10000 (repeatable)",
+    )
+    minimind.set_defaults(func=_cmd_convert_minimind)
+
+    hub = verbs.add_parser("hub", help="download models with checksums, and verify them")
+    hub_verbs = hub.add_subparsers(dest="action", metavar="ACTION", required=True)
+    hub_download = hub_verbs.add_parser(
+        "download",
+        help="download a model repository",
+        description="Download a model repository from the Hugging Face Hub (or ModelScope), check every "
+        "file against the hash the hub publishes, and write DIR/SHA256SUMS.",
+    )
+    hub_download.add_argument("repo_id", help="e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    hub_download.add_argument("--out", required=True, help="directory to download into")
+    hub_download.add_argument("--source", choices=["hf", "modelscope"], default="hf", help="default hf")
+    hub_download.add_argument("--revision", help="branch, tag or commit (default: the main branch)")
+    hub_download.add_argument(
+        "--include", action="append", metavar="PATTERN", help='only matching files, e.g. "*.json" (repeat)'
+    )
+    hub_download.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help='skip matching files, e.g. "*.bin" (repeatable)'
+    )
+    hub_download.set_defaults(func=_cmd_hub_download)
+    hub_verify = hub_verbs.add_parser(
+        "verify",
+        help="re-check a directory against its SHA256SUMS",
+        description="Re-hash every file listed in DIR/SHA256SUMS (or --sums FILE) and name each one that "
+        "is missing or differs; files present but not listed are reported too. Exits 1 on any problem.",
+    )
+    hub_verify.add_argument("dir", help="the downloaded directory")
+    hub_verify.add_argument("--sums", help="manifest to check against (default DIR/SHA256SUMS)")
+    hub_verify.add_argument("--strict", action="store_true", help="unlisted files are problems too")
+    hub_verify.set_defaults(func=_cmd_hub_verify)
+
+    export = verbs.add_parser("export", help="export a model for other runtimes (gguf)")
+    export_verbs = export.add_subparsers(dest="action", metavar="FORMAT", required=True)
+    export_gguf = export_verbs.add_parser(
+        "gguf",
+        help="a checkpoint -> one GGUF file for llama.cpp / Ollama",
+        description="Write a checkpoint (dense Llama / Qwen2, or Qwen2-MoE) and its tokenizer as one GGUF "
+        "file that llama.cpp, llama-server and Ollama run. Needs the gguf extra. See docs/gguf.md.",
+    )
+    export_gguf.add_argument("model", help="model directory")
+    export_gguf.add_argument("--out", required=True, help="the .gguf file to write")
+    export_gguf.add_argument(
+        "--type",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        default="f16",
+        help="weight type: f32, f16 (default), q8_0 or q4_0; norms and biases stay f32",
+    )
+    export_gguf.add_argument("--allow-pickle", action="store_true", help="read .bin/.pth pickle weights")
+    export_gguf.set_defaults(func=_cmd_export_gguf)
+
     quickstart = verbs.add_parser(
         "quickstart",
         help="train a tiny chat model end to end, offline",
@@ -344,6 +781,63 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 300)")
     quickstart.add_argument("--sft-steps", type=int, help="SFT steps (default 150)")
     quickstart.set_defaults(func=_cmd_quickstart)
+
+    chat = verbs.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Multi-turn chat, streamed. Commands: /clear, /undo (drop the last round), "
+        "/regen (answer again), /exit.",
+    )
+    add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument(
+        "--show-thinking", action="store_true", help="show <think> reasoning (hidden by default)"
+    )
+    chat.set_defaults(func=_cmd_chat)
+
+    generate = verbs.add_parser(
+        "generate",
+        help="generate replies for a JSONL file of prompts",
+        description='Batch generation: each input line is {"prompt": ...} or {"messages": [...]}, with '
+        "optional per-line sampling fields (temperature, max_tokens, stop, seed ...); the output keeps "
+        'the input order and adds "output", "finish_reason" and "usage" to each line.',
+    )
+    add_model_options(generate)
+    _add_sampling_options(generate)
+    generate.add_argument("--input", required=True, help="JSONL file of prompts")
+    generate.add_argument("--output", required=True, help="JSONL file to write")
+    generate.add_argument("--batch-size", type=int, default=32, help="requests decoded together (default 32)")
+    generate.set_defaults(func=_cmd_generate)
+
+    serve = verbs.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), "
+        "MiniMind's POST /, /health, /metrics and /tokenize, over the continuous-batching engine. "
+        "Needs the serve extra: pip install 'wrenlm[serve]'. See docs/serving.md.",
+    )
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $WREN_API_KEY, else no key)"
+    )
+    serve.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    serve.add_argument(
+        "--max-batch-size", type=_at_least(1), default=16, help="requests decoded together (default 16)"
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=_at_least(1),
+        help="requests waiting or running before new ones get 429 (default 8 x --max-batch-size)",
+    )
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="(default info)"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    _add_eval_verbs(verbs)
 
     train_parser = verbs.add_parser("train", help="train a model (pretrain, sft, lora, dpo, distill, reason)")
     train_verbs = train_parser.add_subparsers(dest="action", metavar="OBJECTIVE", required=True)

@@ -1,13 +1,13 @@
-"""The native inference engine: continuous batching over a fixed set of KV-cache slots.
+"""The inference engine: continuous batching over a fixed set of slots.
 
-Each running request owns one cache row (a slot). `step()` is the only place that runs the model:
-it admits waiting requests into free slots, prefills their prompts (all but the last token, in
-chunks), then runs one decode forward over every active slot at its own position and samples
-one token per slot with that request's own parameters and generator. Requests join and leave
-between steps, so a short request never waits for a long one.
+Each running request owns one slot (a KV-cache row, kept by the runner). `step()` is the only
+place that runs the model: it admits waiting requests into free slots, prefills their prompts (all
+but the last token), then runs one decode forward over every active slot at its own position and
+samples one token per slot with that request's own parameters and generator. Requests join and
+leave between steps, so a short request never waits for a long one.
 
-A reused slot needs no clearing: attention masks every cached key past the query's position, and
-a new occupant writes positions 0..p before any query at p reads them.
+The model is Wren's own (`NativeRunner`) or a transformers model (`TransformersRunner`); sampling,
+stop handling and streaming are the same for both.
 """
 
 from __future__ import annotations
@@ -19,19 +19,25 @@ from typing import Any
 import torch
 
 from wren.errors import WrenError
-from wren.infer.request import Request, Result
+from wren.infer.request import Event, Request, Result
+from wren.infer.runner import NativeRunner, Runner
 from wren.infer.sampling import SamplingParams, sample, update_counts
-from wren.model import CausalLM, KVCache
+from wren.model import CausalLM
 
 Prompt = str | list[int] | list[dict[str, Any]]
 
 
 class Engine:
-    """Batched generation for one model. Not thread-safe: drive it from one thread (or task)."""
+    """Batched generation for one model. Not thread-safe: drive it from one thread (or task).
+
+    `model` is Wren's CausalLM or a transformers causal LM (any `AutoModelForCausalLM`);
+    `tokenizer` is Wren's Tokenizer or anything with the same encode / decode /
+    apply_chat_template / stop_token_ids (see `wren.infer.transformers_backend.HFTokenizer`).
+    """
 
     def __init__(
         self,
-        model: CausalLM,
+        model: Any,
         tokenizer: Any,
         max_batch_size: int = 16,
         max_seq_len: int | None = None,
@@ -39,15 +45,13 @@ class Engine:
     ) -> None:
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
-        self.prefill_chunk = prefill_chunk
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = KVCache(model.config, max_batch_size, self.max_seq_len, self.device, param.dtype)
-        vocab = model.config.vocab_size
+        self.runner = _make_runner(model, max_batch_size, max_seq_len, prefill_chunk)
+        self.max_seq_len = self.runner.max_seq_len
+        self.device = self.runner.device
+        vocab = self.runner.vocab_size
         # Per-slot penalty state, reset when a request takes the slot.
         self.output_counts = torch.zeros(max_batch_size, vocab, dtype=torch.int32, device=self.device)
         self.prompt_mask = torch.zeros(max_batch_size, vocab, dtype=torch.bool, device=self.device)
@@ -71,7 +75,9 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_seq_len}, "
                 "with room for at least one generated token"
             )
-        stop_ids = self._tokenizer_stops | set(params.stop_token_ids)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self._tokenizer_stops
         request = Request(prompt_ids, params, self.tokenizer, stop_ids, min(params.max_new_tokens, room))
         self.waiting.append(request)
         return request
@@ -118,19 +124,25 @@ class Engine:
             self.step()
         return [r.result for r in requests]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one prompt as they are generated. Closing the iterator early cancels it."""
-        request = self.submit(prompt, params)
+    def run(self, request: Request) -> Iterator[Event]:
+        """Drive the engine until `request` finishes, yielding its events: text deltas, then its
+        `Result`. Other requests in the batch advance too. Closing the iterator early cancels it."""
         try:
             while True:
                 for event in request.pop_events():
+                    yield event
                     if isinstance(event, Result):
                         return
-                    yield event
                 self.step()
         finally:
             if not request.done:
                 self.cancel(request)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one prompt as they are generated. Closing the iterator early cancels it."""
+        for event in self.run(self.submit(prompt, params)):
+            if isinstance(event, str):
+                yield event
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -140,20 +152,22 @@ class Engine:
         if prompt and all(isinstance(m, dict) for m in prompt):
             return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if any(not 0 <= t < self.model.config.vocab_size for t in prompt):
-                raise WrenError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+            if any(not 0 <= t < self.runner.vocab_size for t in prompt):
+                raise WrenError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
             return list(prompt)
         raise WrenError("a prompt is a string, a list of token ids, or a list of chat messages")
 
     def _release(self, request: Request) -> None:
         if request.slot is not None:
             self.slots[request.slot] = None
+            self.runner.release(request.slot)
             request.slot = None
 
     def _admit(self) -> None:
+        admitted = []
         for slot, occupant in enumerate(self.slots):
             if not self.waiting:
-                return
+                break
             if occupant is None:
                 request = self.waiting.popleft()
                 request.slot = slot
@@ -161,29 +175,15 @@ class Engine:
                 self.output_counts[slot].zero_()
                 self.prompt_mask[slot].zero_()
                 self.prompt_mask[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
-                self._prefill(request)
-
-    def _prefill(self, request: Request) -> None:
-        # The last prompt token goes through the decode step with everyone else, so that its
-        # logits are sampled alongside the other slots'.
-        ids = request.prompt_ids[:-1]
-        rows = torch.tensor([request.slot], device=self.device)
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk]
-            self.model(
-                torch.tensor([chunk], device=self.device),
-                positions=torch.arange(start, start + len(chunk), device=self.device)[None],
-                cache=self.cache,
-                cache_rows=rows,
-            )
+                admitted.append(request)
+        if admitted:
+            # The last prompt token goes through the decode step with everyone else, so that
+            # its logits are sampled alongside the other slots'.
+            self.runner.prefill([r.slot for r in admitted], [r.prompt_ids[:-1] for r in admitted])
 
     def _decode(self, active: list[Request]) -> torch.Tensor:
         slots = [r.slot for r in active]
-        ids = torch.tensor([[r.next_input] for r in active], device=self.device)
-        positions = torch.tensor([[r.next_position] for r in active], device=self.device)
-        # Slots 0..n-1 in order read the cache without a gather.
-        rows = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.cache, cache_rows=rows).logits[:, -1]
+        logits = self.runner.decode(slots, [r.next_input for r in active], [r.next_position for r in active])
         params = [r.params for r in active]
         penalised = any(
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
@@ -199,3 +199,11 @@ class Engine:
         )
         update_counts(self.output_counts, index, tokens)
         return tokens.cpu()
+
+
+def _make_runner(model: Any, max_batch_size: int, max_seq_len: int | None, prefill_chunk: int) -> Runner:
+    if isinstance(model, CausalLM):
+        return NativeRunner(model, max_batch_size, max_seq_len or model.config.max_seq_len, prefill_chunk)
+    from wren.infer.transformers_backend import TransformersRunner
+
+    return TransformersRunner(model, max_batch_size, max_seq_len, prefill_chunk)

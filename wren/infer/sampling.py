@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -55,6 +55,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    # Keep sampling past the tokenizer's end-of-sequence tokens (benchmarks, vLLM's name);
+    # stop_token_ids and stop strings still apply.
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -94,6 +97,12 @@ class SamplingParams:
         params.validate()
         return params
 
+    def with_overrides(self, values: Mapping[str, Any]) -> SamplingParams:
+        """These parameters with `values` (a mapping as `from_dict` takes it) put over them."""
+        given = {_ALIASES.get(key, key) for key, value in values.items() if value is not None}
+        kept = {name: value for name, value in asdict(self).items() if name not in given}
+        return SamplingParams.from_dict({**kept, **values})
+
     def validate(self) -> None:
         """Raise WrenError naming the first field that is out of range (ranges as in OpenAI / vLLM)."""
         _check_number("temperature", self.temperature, 0.0, math.inf, "must be >= 0")
@@ -127,6 +136,8 @@ class SamplingParams:
             _check_int("seed", self.seed)
             if not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
                 raise WrenError(f"seed must be in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}], got {self.seed}")
+        if not isinstance(self.ignore_eos, bool):
+            raise WrenError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
 
 ACCEPTED_KEYS: frozenset[str] = frozenset({f.name for f in fields(SamplingParams)} | set(_ALIASES))
@@ -334,6 +345,9 @@ def _inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Per row, the token whose CDF interval holds uniforms[row] in [0, 1]; never a zero-probability one."""
     # Double precision keeps small intervals from vanishing in a long running sum (MPS has none).
     wide = torch.float32 if logits.device.type == "mps" else torch.float64
+    # An extreme penalty or temperature can overflow logits to +inf (and inf - inf to NaN): the
+    # infinite tokens then share the draw, instead of the softmax turning to NaN.
+    logits = logits.nan_to_num(nan=-math.inf, posinf=torch.finfo(logits.dtype).max)
     cdf = logits.softmax(-1).cumsum(-1, dtype=wide)
     total = cdf[:, -1:]
     # Kept strictly below the total so the search cannot run off the end: the first entry above

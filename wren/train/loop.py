@@ -26,12 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wren.atomic import atomic_directory, atomic_write_text
 from wren.errors import WrenError
+from wren.progress import Progress, format_count
 from wren.train import distributed as dist_utils
 from wren.train.config import TrainConfig
 from wren.train.metrics import MetricsLogger
 from wren.train.objectives import Objective, make_objective
 from wren.train.optim import make_optimizer
-from wren.train.progress import Progress, format_count
 from wren.train.schedule import learning_rate
 from wren.train.state import (
     checkpoint_steps,

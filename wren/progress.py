@@ -1,4 +1,5 @@
-"""A one-line progress display: step, loss, tokens/s and ETA, redrawn in place on a terminal.
+"""One-line progress displays, redrawn in place on a terminal: training steps (step, loss,
+tokens/s, ETA) and counted work items (done/total, tokens/s, ETA).
 
 When stderr is not a terminal (CI, a log file) it prints a plain line every `every` steps instead,
 so logs stay readable. No dependency beyond the standard library.
@@ -60,6 +61,36 @@ class Progress:
         """A line of its own, without breaking the progress line."""
         prefix = "\r\033[K" if self.interactive else ""
         print(prefix + text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class ItemProgress:
+    """`done/total items | tokens/s | ETA` for work counted in items (prompts, questions)."""
+
+    def __init__(self, total: int, unit: str = "items", stream: TextIO | None = None, every: int = 100):
+        self.total = total
+        self.unit = unit
+        self.every = every
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self.started = time.perf_counter()
+        self._printed = 0
+
+    def update(self, done: int, tokens: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        line = f"{done}/{self.total} {self.unit} | {format_count(rate)} tok/s | ETA {format_duration(eta)}"
+        if self.interactive:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        elif done > self._printed and (done % self.every == 0 or done == self.total):
+            self._printed = done
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.interactive:

@@ -1,0 +1,98 @@
+"""Open a model for inference: pick the backend, the device and the dtype, and build the engine.
+
+Every verb that generates (chat, generate, serve, web, the LangChain class) opens its model here,
+so `--backend`, `--dtype`, `--device`, `--adapter` and `--trust-remote-code` mean the same
+everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from wren.errors import WrenError
+from wren.infer.engine import Engine
+
+Backend = Literal["auto", "native", "transformers"]
+BACKENDS = ("auto", "native", "transformers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """'auto' -> None (the checkpoint's own dtype); float32/bfloat16/float16 or fp32/bf16/fp16."""
+    if name == "auto":
+        return None
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise WrenError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)} (or fp32, bf16, fp16)")
+    return DTYPES[canonical]
+
+
+def choose_backend(model: str | Path, backend: Backend = "auto") -> Literal["native", "transformers"]:
+    """`auto` runs Wren's own model code when it reads the checkpoint's config.json (Llama,
+    Mistral, Qwen2, Qwen2-MoE), and transformers for anything else, hub ids included."""
+    if backend not in BACKENDS:
+        raise WrenError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    from wren.checkpoint import read_model_config
+
+    try:
+        read_model_config(model)
+    except WrenError:
+        return "transformers"
+    return "native"
+
+
+def load_engine(
+    model: str | Path,
+    *,
+    backend: Backend = "auto",
+    dtype: str = "auto",
+    device: str | None = None,
+    adapter: str | Path | None = None,
+    trust_remote_code: bool = False,
+    max_batch_size: int = 16,
+    max_seq_len: int | None = None,
+    prefill_chunk: int = 512,
+    quantize: str | None = None,
+) -> Engine:
+    """An `Engine` over the model at `model` (a directory, or a hub id for transformers).
+
+    dtype 'auto' keeps the checkpoint's dtype, except that float16 runs as float32 on the CPU,
+    whose float16 kernels are slow. Without a device the model goes to the GPU when there is one.
+    `adapter` is a PEFT LoRA directory, merged into the weights at load. `quantize="int8"`
+    stores the native model's linear weights as int8 (see wren.model.quant).
+    """
+    chosen = choose_backend(model, backend)
+    torch_dtype = parse_dtype(dtype)
+    if quantize not in (None, "int8"):
+        raise WrenError(f"unknown quantisation {quantize!r}; expected int8")
+    if quantize and chosen != "native":
+        raise WrenError("--quantize int8 needs the native backend (a Llama/Mistral/Qwen2(-MoE) checkpoint)")
+    if chosen == "native":
+        from wren.checkpoint import load_model, stored_dtype
+        from wren.tokenizer import Tokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_cpu = torch.device(device).type == "cpu"
+        if torch_dtype is None and on_cpu and stored_dtype(model) == torch.float16:
+            torch_dtype = torch.float32
+        network = load_model(model, device=device, dtype=torch_dtype, adapter=adapter)
+        if quantize:
+            from wren.model.quant import quantize_int8
+
+            quantize_int8(network)
+        tokenizer = Tokenizer.load(model)
+    else:
+        from wren.infer.transformers_backend import load_transformers_model
+
+        network, tokenizer = load_transformers_model(
+            model, torch_dtype, device, trust_remote_code=trust_remote_code, adapter=adapter
+        )
+        if torch_dtype is None and network.device.type == "cpu" and network.dtype == torch.float16:
+            network = network.float()
+    return Engine(network, tokenizer, max_batch_size, max_seq_len, prefill_chunk)
