@@ -50,6 +50,8 @@ VARIANTS = {
     "untied": dict(tie_embeddings=False),
     "qwen2": dict(qkv_bias=True),
     "llama-biases": dict(qkv_bias=True, o_bias=True),
+    "qwen3": dict(qk_norm=True),
+    "qwen3-biases": dict(qk_norm=True, qkv_bias=True, o_bias=True),
     "mistral-window": dict(sliding_window=6),
     "moe": dict(n_experts=4, n_experts_per_token=2, qkv_bias=True),
     "moe-sparse-step": dict(
@@ -76,7 +78,7 @@ def test_transformers_loads_a_wren_checkpoint_with_equal_logits(variant, tmp_pat
     assert (ours - theirs).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["llama", "moe", "yarn"])
+@pytest.mark.parametrize("variant", ["llama", "moe", "yarn", "qwen3"])
 def test_round_trip_is_exact(variant, tmp_path):
     model = wren_model(**VARIANTS[variant])
     save_checkpoint(model, tmp_path / "ckpt")
@@ -128,6 +130,9 @@ def _hf_tiny(model_type: str):
     elif model_type == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         cls = transformers.Qwen2ForCausalLM
+    elif model_type == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+        cls = transformers.Qwen3ForCausalLM
     else:
         cfg = transformers.Qwen2MoeConfig(
             **common,
@@ -142,7 +147,7 @@ def _hf_tiny(model_type: str):
     return perturbed(cls(cfg))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen2_moe", "qwen3"])
 def test_a_model_saved_by_transformers_loads_into_wren_with_equal_logits(model_type, tmp_path):
     hf = _hf_tiny(model_type)
     hf.save_pretrained(tmp_path / "hf")

@@ -74,24 +74,29 @@ def shared_experts(w, prefix):
     return sorted({k.rsplit(".", 2)[0] for k in w if k.startswith(f"{prefix}.shared_experts.")})
 
 
-def minimind_logits(w, ids, n_heads, n_kv_heads, theta=1e6, top_k=2, rope=rope_halves):
-    """w: MiniMind2-named weights (the older layout's tensors are the same, under other names)."""
+def minimind_logits(w, ids, n_heads, n_kv_heads, theta=1e6, top_k=2, rope=rope_halves, eps=1e-5):
+    """w: MiniMind2-named weights (the older layout's tensors are the same, under other names).
+    With q_norm / k_norm weights (the current layout), each head's q and k are normalised first."""
     x = w["model.embed_tokens.weight"][ids]
     batch, seq = ids.shape
     for i in range(LAYERS):
         p = f"model.layers.{i}"
-        h = rms_norm(x, w[f"{p}.input_layernorm.weight"])
+        h = rms_norm(x, w[f"{p}.input_layernorm.weight"], eps)
         q, k, v = (h @ w[f"{p}.self_attn.{n}_proj.weight"].T for n in "qkv")
-        q = rope(q.view(batch, seq, n_heads, -1), theta)
-        k = rope(k.view(batch, seq, n_kv_heads, -1), theta).repeat_interleave(n_heads // n_kv_heads, dim=2)
+        q, k = q.view(batch, seq, n_heads, -1), k.view(batch, seq, n_kv_heads, -1)
+        if f"{p}.self_attn.q_norm.weight" in w:
+            q = rms_norm(q, w[f"{p}.self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, w[f"{p}.self_attn.k_norm.weight"], eps)
+        q = rope(q, theta)
+        k = rope(k, theta).repeat_interleave(n_heads // n_kv_heads, dim=2)
         v = v.view(batch, seq, n_kv_heads, -1).repeat_interleave(n_heads // n_kv_heads, dim=2)
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
         x = x + attn.transpose(1, 2).reshape(batch, seq, -1) @ w[f"{p}.self_attn.o_proj.weight"].T
-        h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"])
+        h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
         x = x + (moe(h, f"{p}.mlp", w, top_k) if f"{p}.mlp.gate.weight" in w else swiglu(h, f"{p}.mlp", w))
-    return rms_norm(x, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+    return rms_norm(x, w["model.norm.weight"], eps) @ w["model.embed_tokens.weight"].T
 
 
 # -- state dicts with MiniMind's names and shapes -------------------------------------------------------
@@ -209,6 +214,35 @@ def test_dense_minimind2_matches_minimind_and_transformers(tmp_path, tokenizer_d
         torch.testing.assert_close(hf(IDS).logits, reference, atol=1e-4, rtol=1e-4)
 
 
+def with_qk_norm(w, seed=1):
+    """The current MiniMind layout: the same weights plus per-head q/k RMSNorm weights."""
+    generator = torch.Generator().manual_seed(seed)
+    head_dim = DIM // 8
+    for i in range(LAYERS):
+        for name in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{name}.weight"] = (
+                1 + torch.randn(head_dim, generator=generator) * 0.2
+            )
+    return w
+
+
+def test_qk_norm_layout_becomes_qwen3(tmp_path, vocab):
+    w = with_qk_norm(minimind2_state(vocab))
+    out, result = convert(w, tmp_path)
+    assert "qk-norm checkpoint" in result.stdout
+    config = read_model_config(out)
+    assert config.qk_norm and config.norm_eps == 1e-6
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    reference = minimind_logits(w, IDS, n_heads=8, n_kv_heads=2, eps=1e-6)
+    without_norms = minimind_logits(minimind2_state(vocab), IDS, n_heads=8, n_kv_heads=2, eps=1e-6)
+    assert (reference - without_norms).abs().max() > 1e-2  # the q/k norms matter
+    torch.testing.assert_close(wren_logits(out), reference, atol=1e-4, rtol=1e-4)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_moe_folds_minimind_shared_experts(tmp_path, vocab):
     w = minimind2_state(vocab, n_experts=4, n_shared=2, seed=1)
     out, result = convert(w, tmp_path)
@@ -261,7 +295,7 @@ def test_bad_checkpoints_are_named(tmp_path, vocab, capsys):
     w = minimind2_state(vocab)
     cases = {
         "extra.pth": ({**w, "model.layers.0.mlp.bias": torch.zeros(3)}, [], "model.layers.0.mlp.bias"),
-        "qknorm.pth": ({**w, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}, [], "QK-norm"),
+        "qknorm-moe.pth": (with_qk_norm(minimind2_state(vocab, n_experts=4)), [], "QK-norm is not supported"),
         "heads.pth": (w, ["--set", "n_heads=5"], "n_heads=5"),
         "unknown.pth": (w, ["--set", "n_wings=2"], "n_wings"),
         "junk.pth": (None, [], "cannot read a PyTorch checkpoint"),

@@ -291,7 +291,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["auto", "native", "transformers"],
         default="auto",
-        help="auto (default): Wren's engine for Llama/Mistral/Qwen2(-MoE), transformers for the rest",
+        help="auto (default): Wren's engine for Llama/Mistral/Qwen2(-MoE)/Qwen3, transformers otherwise",
     )
     parser.add_argument(
         "--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16"
@@ -497,7 +497,7 @@ def _cmd_eval_report(args: argparse.Namespace) -> None:
 def _add_eval_options(parser: argparse.ArgumentParser, scoring: bool) -> None:
     """Options every `wren eval` task shares; `scoring` tasks read logits from Wren's model code."""
     if scoring:
-        parser.add_argument("model", help="model directory (Llama, Mistral, Qwen2 or Qwen2-MoE shaped)")
+        parser.add_argument("model", help="model directory (Llama, Mistral, Qwen2(-MoE), Qwen3 shaped)")
         parser.add_argument(
             "--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16"
         )

@@ -1,6 +1,6 @@
 """Wren's one model format: a Hugging Face model directory.
 
-    config.json               stock architecture (Llama / Qwen2 / Mistral / Qwen2-MoE)
+    config.json               stock architecture (Llama / Qwen2 / Mistral / Qwen2-MoE / Qwen3)
     model.safetensors         stock tensor names
     generation_config.json    eos / bos / pad ids
     tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json

@@ -1,9 +1,10 @@
 """Translate between Wren's `ModelConfig` and a Hugging Face `config.json`.
 
-Wren writes the stock architectures (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM for
-dense models, Qwen2MoeForCausalLM for mixture-of-experts) with the keys every transformers release
-and vLLM understand (`rope_theta` and `rope_scaling`, not transformers 5's `rope_parameters`), and
-reads configs written by transformers 4 or 5 for those same families.
+Wren writes the stock architectures (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and,
+with QK-norm, Qwen3ForCausalLM for dense models; Qwen2MoeForCausalLM for mixture-of-experts) with
+the keys every transformers release and vLLM understand (`rope_theta` and `rope_scaling`, not
+transformers 5's `rope_parameters`), and reads configs written by transformers 4 or 5 for those
+same families.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from wren.model.config import ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3")
 
 
 class UnsupportedConfig(ValueError):
@@ -45,7 +46,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A Wren config for a Llama-, Mistral-, Qwen2- or Qwen2-MoE-shaped `config.json` dict."""
+    """A Wren config for a Llama-, Mistral-, Qwen2-, Qwen2-MoE- or Qwen3-shaped `config.json` dict."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedConfig(
@@ -56,8 +57,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfig(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     if hf.get("mlp_bias"):
         raise UnsupportedConfig("MLP biases are not supported")
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise UnsupportedConfig("Qwen2's per-layer sliding window is not supported")
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise UnsupportedConfig(f"{model_type}'s per-layer sliding window is not supported")
 
     theta, rope = _rope_from_hf(hf)
     n_heads = hf["num_attention_heads"]
@@ -80,6 +81,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
+        qk_norm=model_type == "qwen3",
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -117,6 +119,13 @@ def _rope_to_hf(rope: RopeScaling | None) -> dict[str, Any] | None:
 
 def hf_architecture(config: ModelConfig) -> tuple[str, str]:
     """(architecture class, model_type) that represents this config exactly."""
+    if config.qk_norm:
+        if config.is_moe or config.sliding_window or config.qkv_bias != config.o_bias:
+            raise UnsupportedConfig(
+                "a QK-norm model exports as Qwen3: dense, no sliding window, and biases on all of "
+                "q/k/v/o or none"
+            )
+        return "Qwen3ForCausalLM", "qwen3"
     if config.is_moe:
         if config.o_bias or not config.shared_expert_ffn_dim:
             raise UnsupportedConfig(
@@ -169,6 +178,13 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         hf["sliding_window"] = config.sliding_window
     elif model_type == "qwen2":
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    elif model_type == "qwen3":
+        hf.update(
+            attention_bias=config.qkv_bias,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=config.n_layers,
+        )
     else:
         hf.update(
             num_experts=config.n_experts,

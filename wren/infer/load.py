@@ -33,7 +33,7 @@ def parse_dtype(name: str) -> torch.dtype | None:
 
 def choose_backend(model: str | Path, backend: Backend = "auto") -> Literal["native", "transformers"]:
     """`auto` runs Wren's own model code when it reads the checkpoint's config.json (Llama,
-    Mistral, Qwen2, Qwen2-MoE), and transformers for anything else, hub ids included."""
+    Mistral, Qwen2, Qwen2-MoE, Qwen3), and transformers for anything else, hub ids included."""
     if backend not in BACKENDS:
         raise WrenError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -72,7 +72,7 @@ def load_engine(
     if quantize not in (None, "int8"):
         raise WrenError(f"unknown quantisation {quantize!r}; expected int8")
     if quantize and chosen != "native":
-        raise WrenError("--quantize int8 needs the native backend (a Llama/Mistral/Qwen2(-MoE) checkpoint)")
+        raise WrenError("--quantize int8 needs the native backend (a checkpoint Wren's model code runs)")
     if chosen == "native":
         from wren.checkpoint import load_model, stored_dtype
         from wren.tokenizer import Tokenizer

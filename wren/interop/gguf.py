@@ -94,6 +94,8 @@ class GGUFExport:
 
 def llama_cpp_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly what Wren's model does, or a WrenError."""
+    if config.qk_norm:
+        raise WrenError("QK-norm (Qwen3-style) models have no GGUF export yet")
     if config.sliding_window and config.sliding_window < config.max_seq_len:
         raise WrenError(
             f"sliding-window attention (window {config.sliding_window}) has no GGUF export: llama.cpp's "

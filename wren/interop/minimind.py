@@ -1,6 +1,6 @@
 """Import a MiniMind checkpoint (a plain `torch.save(model.state_dict())` .pth) as a Wren checkpoint.
 
-Two key layouts are read (github.com/jingyaogong/minimind):
+Three key layouts are read (github.com/jingyaogong/minimind):
 
 - **MiniMind2** (`model/model_minimind.py`): transformers-style names, `model.embed_tokens.weight`,
   `model.layers.N.self_attn.q_proj.weight`, `model.layers.N.mlp.gate_proj.weight`; for MoE
@@ -11,7 +11,10 @@ Two key layouts are read (github.com/jingyaogong/minimind):
   embeddings rotate adjacent pairs (complex numbers), so the q/k rows of each head are reordered into
   the rotate-half order; attention scores are unchanged because q and k move together.
 
-The later layout with q_norm/k_norm (QK-norm) is refused: Wren's model has no QK-norm.
+- **qk-norm** (the current `model_minimind.py`): MiniMind2's names plus `self_attn.q_norm` /
+  `k_norm`, an RMSNorm over each head's queries and keys before the rotary embedding, as in Qwen3.
+  Dense checkpoints become Qwen3-shaped Wren checkpoints; its defaults differ (rms_norm_eps 1e-6,
+  top-1 routing). MoE with QK-norm would need the Qwen3-MoE format and is refused for now.
 
 A state dict says nothing about the number of heads, the rope base or the norm epsilon; those come
 from MiniMind's own defaults (n_heads=8, rope_theta=1e6, rms_norm_eps=1e-5, top-2 routing) and can be
@@ -43,12 +46,17 @@ MINIMIND_DEFAULTS: dict[str, Any] = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-MAX_SEQ_LEN = {"minimind2": 32768, "legacy": 8192}
+# Where a layout's MiniMindConfig defaults differ from the above.
+LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qk-norm": dict(norm_eps=1e-6, n_experts_per_token=1, qk_norm=True),
+}
+MAX_SEQ_LEN = {"minimind2": 32768, "legacy": 8192, "qk-norm": 32768}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _MINIMIND2_KEY = re.compile(
     r"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight"
-    r"|model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|input_layernorm|post_attention_layernorm"
+    r"|model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|self_attn\.[qk]_norm"
+    r"|input_layernorm|post_attention_layernorm"
     r"|mlp\.(?:gate|up|down)_proj|mlp\.gate|mlp\.(?:experts|shared_experts)\.\d+\.(?:gate|up|down)_proj)\.weight"
 )
 # Derived buffers some versions saved alongside the weights (rotary tables, v1's causal mask).
@@ -65,7 +73,7 @@ class MiniMindImport:
     """What `convert_minimind` wrote."""
 
     out_dir: Path
-    layout: str  # "minimind2" or "legacy"
+    layout: str  # "minimind2", "qk-norm" or "legacy"
     config: ModelConfig
     parameters: int
     has_tokenizer: bool
@@ -96,7 +104,7 @@ def read_minimind_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(state: dict[str, torch.Tensor], path: str | Path) -> str:
-    """'minimind2' or 'legacy'; a WrenError naming the first unexpected keys otherwise."""
+    """'minimind2', 'qk-norm' or 'legacy'; a WrenError naming the first unexpected keys otherwise."""
     if "model.embed_tokens.weight" in state:
         layout, known = "minimind2", _MINIMIND2_KEY
     elif "tok_embeddings.weight" in state:
@@ -106,10 +114,8 @@ def detect_layout(state: dict[str, torch.Tensor], path: str | Path) -> str:
             f"{path}: not a MiniMind state dict: expected model.embed_tokens.weight (MiniMind2) or "
             f"tok_embeddings.weight (older model.py); first keys: {_some(state)}"
         )
-    if qk_norm := [k for k in state if _QK_NORM_KEY.fullmatch(k)]:
-        raise WrenError(
-            f"{path}: has QK-norm weights ({qk_norm[0]} ...), a MiniMind layout Wren's model cannot run"
-        )
+    if layout == "minimind2" and any(_QK_NORM_KEY.fullmatch(k) for k in state):
+        layout = "qk-norm"
     if known is not None:
         unexpected = [k for k in state if not known.fullmatch(k) and not _IGNORED_KEY.fullmatch(k)]
         if unexpected:
@@ -203,8 +209,14 @@ def infer_config(
 
     moe_layers = [i for i in layers if f"model.layers.{i}.mlp.gate.weight" in state]
     dense_layers = [i for i in layers if i not in moe_layers]
+    if moe_layers and layout == "qk-norm":
+        raise WrenError(
+            f"{path}: a mixture-of-experts checkpoint with QK-norm is not supported yet "
+            "(it needs the Qwen3-MoE format); dense QK-norm checkpoints are"
+        )
     values: dict[str, Any] = {
         **MINIMIND_DEFAULTS,
+        **LAYOUT_DEFAULTS.get(layout, {}),
         "vocab_size": vocab_size,
         "dim": dim,
         "n_layers": len(layers),

@@ -54,6 +54,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before rotary (Qwen3)
     sliding_window: int | None = None
     # Mixture of experts: 0 routed experts means a dense model.
     n_experts: int = 0
