@@ -284,9 +284,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     print(next_steps(model_dir, wren))
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     """How a generating verb opens its model: the same flags on chat, generate, serve and web."""
-    parser.add_argument("model", help="model directory (a Wren or Hugging Face checkpoint), or a hub id")
+    parser.add_argument(
+        "model",
+        nargs=None if model_required else "?",
+        help="model directory (a Wren or Hugging Face checkpoint), or a hub id",
+    )
     parser.add_argument(
         "--backend",
         choices=["auto", "native", "transformers"],
@@ -386,6 +390,32 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         log_level=args.log_level,
     )
+
+
+def _cmd_web(args: argparse.Namespace) -> None:
+    import os
+
+    if args.api_base and args.model:
+        raise WrenError("wren web takes a MODEL or --api-base, not both")
+    if not (args.api_base or args.model):
+        raise WrenError("wren web needs a MODEL directory or --api-base URL of an OpenAI-compatible server")
+    # The page needs no phoning home; this also keeps start-up quick on machines without a network.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        from wren.web.app import launch
+        from wren.web.backends import ApiBackend, Backend, LocalBackend
+    except ImportError as exc:
+        raise WrenError(f"wren web needs the web extra: pip install 'wrenlm[web]' ({exc})") from None
+    backend: Backend
+    if args.api_base:
+        api_key = args.api_key or os.environ.get("WREN_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        backend = ApiBackend(args.api_base, api_key=api_key, model=args.served_model)
+    else:
+        from wren.infer.shared import SharedEngine
+
+        engine = open_engine(args, max_batch_size=args.max_batch_size)
+        backend = LocalBackend(SharedEngine(engine), args.model)
+    launch(backend, host=args.host, port=args.port)
 
 
 def _at_least(minimum: int):
@@ -836,6 +866,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="(default info)"
     )
     serve.set_defaults(func=_cmd_serve)
+
+    web = verbs.add_parser(
+        "web",
+        help="chat with a model in the browser (Gradio)",
+        description="A chat page: a local MODEL, or any OpenAI-compatible server with --api-base "
+        "(e.g. http://127.0.0.1:8000/v1). Needs the web extra: pip install 'wrenlm[web]'. "
+        "See docs/web.md.",
+    )
+    add_model_options(web, model_required=False)  # --api-base needs no MODEL
+    web.add_argument("--api-base", help="an OpenAI-compatible server's base URL instead of a MODEL")
+    web.add_argument("--api-key", help="its API key (default: $WREN_API_KEY, else $OPENAI_API_KEY)")
+    web.add_argument("--model", dest="served_model", help="the model name to ask the server for")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    web.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    web.add_argument(
+        "--max-batch-size", type=_at_least(1), default=8, help="local replies decoded together (default 8)"
+    )
+    web.set_defaults(func=_cmd_web)
 
     _add_eval_verbs(verbs)
 

@@ -31,13 +31,11 @@ def load_for_scoring(
     """The model (eval mode) and its tokenizer. dtype "auto" keeps the stored dtype, except that
     float16 runs as float32 on a CPU, whose float16 kernels are slow. `adapter`, a PEFT LoRA
     directory, is merged into the weights."""
-    from wren.checkpoint import load_model, stored_dtype
-    from wren.infer.load import parse_dtype
+    from wren.checkpoint import load_model
+    from wren.infer.load import native_dtype
 
     target = pick_device(device)
-    torch_dtype = parse_dtype(dtype)
-    if torch_dtype is None and target.type == "cpu" and stored_dtype(path) == torch.float16:
-        torch_dtype = torch.float32
+    torch_dtype = native_dtype(path, dtype, target)
     model = load_model(path, device=target, dtype=torch_dtype, allow_pickle=allow_pickle, adapter=adapter)
     return model, Tokenizer.load(path)
 

@@ -31,6 +31,17 @@ def parse_dtype(name: str) -> torch.dtype | None:
     return DTYPES[canonical]
 
 
+def native_dtype(model: str | Path, dtype: str, device: str | torch.device) -> torch.dtype | None:
+    """The dtype to load a checkpoint in on Wren's model code: `dtype`, or for 'auto' the stored
+    one (None), except that float16 runs as float32 on the CPU, whose float16 kernels are slow."""
+    from wren.checkpoint import stored_dtype
+
+    chosen = parse_dtype(dtype)
+    if chosen is None and torch.device(device).type == "cpu" and stored_dtype(model) == torch.float16:
+        return torch.float32
+    return chosen
+
+
 def choose_backend(model: str | Path, backend: Backend = "auto") -> Literal["native", "transformers"]:
     """`auto` runs Wren's own model code when it reads the checkpoint's config.json (Llama,
     Mistral, Qwen2, Qwen2-MoE, Qwen3), and transformers for anything else, hub ids included."""
@@ -68,20 +79,16 @@ def load_engine(
     stores the native model's linear weights as int8 (see wren.model.quant).
     """
     chosen = choose_backend(model, backend)
-    torch_dtype = parse_dtype(dtype)
     if quantize not in (None, "int8"):
         raise WrenError(f"unknown quantisation {quantize!r}; expected int8")
     if quantize and chosen != "native":
         raise WrenError("--quantize int8 needs the native backend (a checkpoint Wren's model code runs)")
     if chosen == "native":
-        from wren.checkpoint import load_model, stored_dtype
+        from wren.checkpoint import load_model
         from wren.tokenizer import Tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cpu = torch.device(device).type == "cpu"
-        if torch_dtype is None and on_cpu and stored_dtype(model) == torch.float16:
-            torch_dtype = torch.float32
-        network = load_model(model, device=device, dtype=torch_dtype, adapter=adapter)
+        network = load_model(model, device=device, dtype=native_dtype(model, dtype, device), adapter=adapter)
         if quantize:
             from wren.model.quant import quantize_int8
 
@@ -90,6 +97,7 @@ def load_engine(
     else:
         from wren.infer.transformers_backend import load_transformers_model
 
+        torch_dtype = parse_dtype(dtype)
         network, tokenizer = load_transformers_model(
             model, torch_dtype, device, trust_remote_code=trust_remote_code, adapter=adapter
         )
