@@ -103,36 +103,44 @@ class Server:
         self.log = log
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return _text(self.log)
 
 
 @contextmanager
-def running_server(model: Path, log: Path, *args: str, timeout: float = 90) -> Iterator[Server]:
-    """`python -m wren serve MODEL ARGS` on a free port, once /health answers; stopped after."""
+def running_wren(
+    args: list[str], log: Path, ready_path: str, timeout: float
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m wren ARGS --port P` on a free port, once GET ready_path answers 200; stopped after.
+    Yields the process and its base URL; a process that exits or never answers raises with its log."""
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-m", "wren", "serve", str(model), "--port", str(port), *args]
-    # One torch thread: the tests' clients need the other core.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # One torch thread: the tests' clients (and browser) need the other core.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wren", *args, "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
-    server = Server(process, url, log, model)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"wren serve exited with {process.returncode}:\n{server.log_text()}")
+                raise RuntimeError(f"wren {args[0]} exited with {process.returncode}:\n{_text(log)}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"wren serve did not answer /health in {timeout} s:\n{server.log_text()}")
+                raise RuntimeError(
+                    f"wren {args[0]} did not answer {ready_path} in {timeout} s:\n{_text(log)}"
+                )
             time.sleep(0.1)
-        yield server
+        yield process, url
     finally:
         process.terminate()
         try:
@@ -140,6 +148,17 @@ def running_server(model: Path, log: Path, *args: str, timeout: float = 90) -> I
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _text(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
+@contextmanager
+def running_server(model: Path, log: Path, *args: str, timeout: float = 90) -> Iterator[Server]:
+    """`python -m wren serve MODEL ARGS` on a free port, once /health answers; stopped after."""
+    with running_wren(["serve", str(model), *args], log, "/health", timeout) as (process, url):
+        yield Server(process, url, log, model)
 
 
 def metric_value(metrics_text: str, name: str) -> float:

@@ -6,18 +6,14 @@ The page is served over the tiny addition model (which reasons in <think> first)
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from helpers import build_chat_model
-from serve_helpers import free_port, running_server
+from serve_helpers import free_port, running_server, running_wren
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -34,39 +30,8 @@ QUESTION = "What is 3 plus 4?"
 @contextmanager
 def running_web(log: Path, *args: str, timeout: float = 60) -> Iterator[str]:
     """`python -m wren web ARGS` on a free port, once its page answers; stopped after."""
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "wren", "web", *args, "--port", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"wren web exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"wren web did not answer in {timeout} s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_wren(["web", *args], log, "/", timeout) as (_, url):
+        yield url + "/"
 
 
 @pytest.fixture(scope="module")

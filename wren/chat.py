@@ -105,8 +105,7 @@ class ChatSession:
 
     def _answer(self, question: str) -> None:
         try:
-            messages = self._fit(question)
-            request = self.engine.submit(messages, self.params)
+            request = self.engine.submit(self._fit(question), self.params)
         except WrenError as exc:
             self._note(f"error: {exc}")
             return
@@ -134,19 +133,20 @@ class ChatSession:
             self.conversation.rounds.append((question, result.text))
             self._stats(result, time.perf_counter() - started)
 
-    def _fit(self, question: str) -> list[dict[str, str]]:
-        """The messages for `question`, leaving out the oldest rounds while the prompt would not
-        leave room for a full reply in the context."""
+    def _fit(self, question: str) -> list[int]:
+        """The prompt ids for `question`, leaving out the oldest rounds while the prompt would not
+        leave room for a full reply in the context. Rendered once here; the engine takes the ids."""
         budget = self.engine.max_seq_len - min(self.params.max_new_tokens, self.engine.max_seq_len // 2)
         rounds = self.conversation.rounds
         for first in range(len(rounds) + 1):
             messages = self.conversation.messages(question, first)
-            if len(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)) <= budget:
+            ids = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if len(ids) <= budget:
                 if first:
                     del rounds[:first]
                     self._note(f"(the {first} oldest round(s) no longer fit the context and were dropped)")
-                return messages
-        return messages  # the question alone is too long: submit says by how much
+                return ids
+        return ids  # the question alone is too long: submit says by how much
 
     def _show(self, thinking: str, answer: str) -> None:
         if thinking and self.show_thinking:
