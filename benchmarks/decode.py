@@ -4,6 +4,8 @@
     python benchmarks/decode.py --device cpu --preset small --streams 1 16 --new-tokens 32
     python benchmarks/decode.py --backend transformers ...   # the engine over transformers' model
     python benchmarks/decode.py --backend hf-generate ...    # transformers' own generate(), the reference
+    python benchmarks/decode.py --quantize int4 ...          # weight-only int8 / int4 (native backend)
+    python benchmarks/decode.py --compile ...                 # torch.compile'd decode (default on CUDA)
 
 --backend native (the default) is Wren's engine on its own model code.
 
@@ -25,7 +27,7 @@ from wren.data.demo import write_demo_pretrain
 from wren.infer.engine import Engine
 from wren.infer.sampling import SamplingParams
 from wren.model import CausalLM, preset_config
-from wren.model.quant import quantize_int8, weight_bytes
+from wren.model.quant import quantize_linears, weight_bytes
 from wren.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -76,7 +78,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: train one on the demo corpus)")
     parser.add_argument("--backend", choices=["native", "transformers", "hf-generate"], default="native")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (native backend)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="int8 / int4 weights (native backend)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="native backend: torch.compile the decode step (default: on CUDA only)",
+    )
+    parser.add_argument(
+        "--slot-by-slot",
+        action="store_true",
+        help="transformers backend: one forward per stream per step (what models it cannot batch get)",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -94,10 +106,13 @@ def main() -> None:
     if args.backend != "native":
         model = transformers_model(model, tokenizer, Path(scratch.name))
     elif args.quantize:
-        quantize_int8(model)
+        quantize_linears(model, bits=8 if args.quantize == "int8" else 4)
 
     print(
-        f"# decode: {args.backend}{' int8' if args.quantize else ''}, {args.preset}, {device} {dtype}, "
+        f"# decode: {args.backend}{' ' + args.quantize if args.quantize else ''}"
+        f"{' slot by slot' if args.slot_by_slot else ''}"
+        f"{'' if args.compile is None else ' compiled' if args.compile else ' eager'}, "
+        f"{args.preset}, {device} {dtype}, "
         f"{torch.get_num_threads()} threads, weights {weight_bytes(model) / 1e6:.1f} MB, "
         "greedy, 32-token prompts"
     )
@@ -109,8 +124,13 @@ def main() -> None:
                 run_hf_generate(model, streams, prompt, 4)
                 generated, seconds = run_hf_generate(model, streams, prompt, args.new_tokens)
         else:
-            engine = Engine(model, tokenizer, max_batch_size=streams)
-            run(engine, streams, prompt, 4)  # warm up allocations (and kernels on a GPU)
+            engine = Engine(model, tokenizer, max_batch_size=streams, compile=args.compile)
+            if args.slot_by_slot:
+                engine.runner.batch = None
+            # Warm up allocations and kernels; a compiled step builds one graph per batch and
+            # span bucket, so it warms up over the whole run's length.
+            compiled = getattr(engine.runner, "compiled", None) is not None
+            run(engine, streams, prompt, args.new_tokens if compiled else 4)
             generated, seconds = run(engine, streams, prompt, args.new_tokens)
         steps = generated / streams
         print(

@@ -1,5 +1,5 @@
-"""Single-stream CPU decode speed: llama.cpp (GGUF f32, q8_0) against Wren's engine (f32, int8), same model.
-Prints a Markdown table.
+"""Single-stream CPU decode speed: llama.cpp (GGUF f32, q8_0) against Wren's engine (f32, int8;
+eager and with the decode step compiled), same model. Prints a Markdown table.
 
     python benchmarks/llamacpp.py                      # small preset, 32-token prompt, 64 new tokens
     python benchmarks/llamacpp.py --runs 5 --threads 2
@@ -9,7 +9,8 @@ Needs llama-cpp-python (`make llama-cpp`) and gguf. The model is a randomly init
 exported with `wren export gguf`. Each run decodes greedily past any end-of-sequence token; tokens/s
 counts generated tokens over the whole request, prefill included, as in benchmarks/decode.py.
 llama.cpp gets the same thread count as torch. The median of --runs runs is reported, with the
-slowest and fastest, since the machine may be shared.
+slowest and fastest, since the machine may be shared. The compiled engines build their kernels
+during the warm-up run.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp())
     save_checkpoint(model, scratch / "model", tokenizer)
     runners = {}
-    engine = Engine(model, tokenizer, max_batch_size=1)
-    runners["Wren engine (PyTorch)", "f32"] = lambda: run(engine, 1, prompt, args.new_tokens)
     int8_model = copy.deepcopy(model)
     quantize_int8(int8_model)
-    int8_engine = Engine(int8_model, tokenizer, max_batch_size=1)
-    runners["Wren engine (PyTorch)", "int8"] = lambda: run(int8_engine, 1, prompt, args.new_tokens)
+    for label, compile in (("Wren engine", False), ("Wren engine, compiled", True)):
+        for weights, network in (("f32", model), ("int8", int8_model)):
+            engine = Engine(network, tokenizer, max_batch_size=1, compile=compile)
+            runners[label, weights] = lambda engine=engine: run(engine, 1, prompt, args.new_tokens)
     for file_type in ("f32", "q8_0"):
         path = export_gguf(scratch / "model", scratch / f"model-{file_type}.gguf", file_type).path
         llm = llama_cpp.Llama(

@@ -9,8 +9,10 @@ a tokenizer trained on the demo corpus: serving speed does not depend on the wei
 client streams /v1/completions requests one after another: the same ~32-token prompt, greedy,
 exactly --max-tokens tokens each (ignore_eos). The batched server has as many slots as the most
 clients; the baseline runs the same load with --max-batch-size 1 (the rest queue), and the last
-column divides the batched server's tokens/s by the baseline's. TTFT runs from sending a request to
-its first text; time per output token (TPOT) is the rest of the request over the remaining tokens.
+column divides the batched server's tokens/s by the baseline's. Each level runs once untimed
+first (one request per client), so that a compiled engine has built its kernels. TTFT runs from
+sending a request to its first text; time per output token (TPOT) is the rest of the request over
+the remaining tokens.
 The clients run in this process and share the machine with the server.
 """
 
@@ -144,8 +146,9 @@ def summarise(timings: list[Timing], seconds: float) -> dict[str, float]:
 def measure(model: Path, batch_size: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
     results = {}
     with Server(model, batch_size, args.device) as server:
-        asyncio.run(load(server.url, 1, 2, 4))  # warm up
         for clients in args.clients:
+            # Untimed first: a compiled server builds its kernels (and CUDA graphs) per batch size.
+            asyncio.run(load(server.url, clients, 1, args.max_tokens))
             requests_each = max(1, args.min_requests // clients)
             timings, seconds = asyncio.run(load(server.url, clients, requests_each, args.max_tokens))
             results[clients] = summarise(timings, seconds)

@@ -57,6 +57,10 @@ VARIANTS = {
     "moe-sparse-step": dict(
         n_experts=4, n_experts_per_token=1, qkv_bias=True, moe_layer_step=2, norm_topk_prob=False
     ),
+    "qwen3-moe": dict(qk_norm=True, n_experts=4, n_experts_per_token=2, shared_expert_ffn_dim=0),
+    "qwen3-moe-dense-layer": dict(
+        qk_norm=True, n_experts=4, n_experts_per_token=1, shared_expert_ffn_dim=0, dense_layers=[0]
+    ),
     "yarn": dict(rope_scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=16), max_seq_len=64),
     "llama3-rope": dict(rope_scaling=RopeScaling("llama3", 8.0, original_max_position_embeddings=16)),
     "linear-rope": dict(rope_scaling=RopeScaling("linear", 2.0)),
@@ -78,7 +82,7 @@ def test_transformers_loads_a_wren_checkpoint_with_equal_logits(variant, tmp_pat
     assert (ours - theirs).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["llama", "moe", "yarn", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "moe", "yarn", "qwen3", "qwen3-moe-dense-layer"])
 def test_round_trip_is_exact(variant, tmp_path):
     model = wren_model(**VARIANTS[variant])
     save_checkpoint(model, tmp_path / "ckpt")
@@ -133,6 +137,17 @@ def _hf_tiny(model_type: str):
     elif model_type == "qwen3":
         cfg = transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
         cls = transformers.Qwen3ForCausalLM
+    elif model_type == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            tie_word_embeddings=True,
+        )
+        cls = transformers.Qwen3MoeForCausalLM
     else:
         cfg = transformers.Qwen2MoeConfig(
             **common,
@@ -147,7 +162,7 @@ def _hf_tiny(model_type: str):
     return perturbed(cls(cfg))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen2_moe", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"])
 def test_a_model_saved_by_transformers_loads_into_wren_with_equal_logits(model_type, tmp_path):
     hf = _hf_tiny(model_type)
     hf.save_pretrained(tmp_path / "hf")
@@ -155,6 +170,24 @@ def test_a_model_saved_by_transformers_loads_into_wren_with_equal_logits(model_t
     ids = torch.randint(0, VOCAB, (2, 24))
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_qwen3_moe_checkpoint_files(tmp_path):
+    """QK-norm MoE is written as Qwen3-MoE with the keys transformers 4, 5 and vLLM read; with a
+    shared expert (which Qwen3-MoE lacks) it is refused, naming why."""
+    save_checkpoint(wren_model(**VARIANTS["qwen3-moe"]), tmp_path / "ckpt")
+    hf_config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert hf_config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert hf_config["num_experts"] == 4 and hf_config["num_experts_per_tok"] == 2
+    assert hf_config["norm_topk_prob"] is True
+    assert "shared_expert_intermediate_size" not in hf_config
+    assert read_model_config(tmp_path / "ckpt").shared_expert_ffn_dim == 0
+    # transformers 5 writes the expert count as num_local_experts; Wren reads either.
+    hf_config["num_local_experts"] = hf_config.pop("num_experts")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf_config))
+    assert read_model_config(tmp_path / "ckpt").n_experts == 4
+    with pytest.raises(WrenError, match="Qwen3-MoE, which has no shared expert"):
+        save_checkpoint(wren_model(qk_norm=True, n_experts=4), tmp_path / "shared")
 
 
 def test_sharded_safetensors_load(tmp_path):

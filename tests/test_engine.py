@@ -253,3 +253,25 @@ def test_ignore_eos_runs_past_the_tokenizer_stops_but_not_stop_token_ids(setup):
     assert plain.finish_reason == "stop" and plain.token_ids == full[: full.index(eos)]
     assert ignoring.finish_reason == "length" and ignoring.token_ids == full
     assert explicit.token_ids == plain.token_ids
+
+
+def test_compiled_decode_gives_the_eager_tokens(setup):
+    """torch.compile'd decoding (padded batch and span buckets) matches eager decoding: requests
+    leave at different steps (gaps in the slots), one joins mid-batch, spans cross buckets."""
+    model, tokenizer = setup
+    lengths = [60, 7, 15]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in lengths]
+    late_params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+
+    def run(compile: bool) -> list[list[int]]:
+        engine = Engine(model, tokenizer, max_batch_size=4, compile=compile)
+        requests = [engine.submit(p, q) for p, q in zip(PROMPTS[:3], params, strict=True)]
+        for _ in range(10):
+            engine.step()
+        requests.append(engine.submit(PROMPTS[3], late_params))
+        while engine.has_work:
+            engine.step()
+        assert engine.runner.compiled is None or not engine.runner.compiled.failed
+        return [r.result.token_ids for r in requests]
+
+    assert run(compile=True) == run(compile=False)

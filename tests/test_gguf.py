@@ -1,6 +1,6 @@
 """GGUF export: the file read back with gguf's own reader, then run by real llama.cpp (through
 llama-cpp-python) next to Wren's model: the same token ids, logits within each type's tolerance,
-and the same greedy replies, for a Llama-shaped and a Qwen2-shaped model.
+and the same greedy replies, for a Llama-shaped, a Qwen2-shaped and a Qwen3-shaped (QK-norm) model.
 
 The llama.cpp tests need llama-cpp-python, which `make setup` builds once from source into a
 cached wheel; without it they are skipped and the file-level tests still run.
@@ -41,20 +41,23 @@ MESSAGES = [
 
 # Largest |llama.cpp - Wren| logit difference accepted per file type, and the least share of
 # prompt positions whose top token must agree. Measured on the trained test models (logits span
-# about ±11): f32 1.1e-5 / 1.4e-5 (Llama / Qwen2; summation order only), f16 5.8e-3 / 1.6e-2,
-# q8_0 0.10 (99% same top token), q4_0 1.7 (97%). Over all 100 addition prompts, greedy replies
-# were identical for f32, f16 and q8_0, and for 95 of them with q4_0.
+# about ±11): f32 1.1e-5 / 1.4e-5 / 4.5e-6 (Llama / Qwen2 / Qwen3; summation order only), f16
+# 5.8e-3 / 1.6e-2 / 1.3e-2, q8_0 0.10 (99% same top token; Qwen3 0.26, so not tested), q4_0 1.7
+# (97%). Over all 100 addition prompts, greedy replies were identical for f32, f16 and q8_0, and
+# for 95 of them with q4_0 (Qwen3: f32 and f16 all 100).
 TOLERANCE = {"f32": 1e-4, "f16": 5e-2, "q8_0": 0.25, "q4_0": 2.5}
 TOP_TOKEN_AGREEMENT = {"f32": 1.0, "f16": 0.95, "q8_0": 0.95, "q4_0": 0.9}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A trained Llama-shaped chat model and a Qwen2-shaped one (q/k/v biases)."""
+    """A trained Llama-shaped chat model, a Qwen2-shaped one (q/k/v biases) and a Qwen3-shaped one
+    (QK-norm)."""
     root = tmp_path_factory.mktemp("gguf")
     return {
         "llama": build_chat_model(root / "llama"),
         "qwen2": build_chat_model(root / "qwen2", settings={"qkv_bias": True}),
+        "qwen3": build_chat_model(root / "qwen3", settings={"qk_norm": True}),
     }
 
 
@@ -70,10 +73,10 @@ def exports(models, tmp_path_factory):
         assert "llama GGUF" in result.stdout and str(out) in result.stdout
         files["llama", file_type] = out
     files["llama", "q4_0"] = export_gguf(models["llama"], root / "llama-q4_0.gguf", "q4_0").path
-    for file_type in ("f32", "f16"):
-        files["qwen2", file_type] = export_gguf(
-            models["qwen2"], root / f"qwen2-{file_type}.gguf", file_type
-        ).path
+    for arch in ("qwen2", "qwen3"):
+        for file_type in ("f32", "f16"):
+            out = root / f"{arch}-{file_type}.gguf"
+            files[arch, file_type] = export_gguf(models[arch], out, file_type).path
     return files
 
 
@@ -148,6 +151,22 @@ def test_qwen2_keeps_the_rotate_half_layout_and_its_biases(models, exports):
         np.testing.assert_array_equal(tensor(reader, f"blk.0.{name}").data, expected)
 
 
+def test_qwen3_carries_the_qk_norms_in_the_rotate_half_layout(models, exports):
+    state = load_model(models["qwen3"]).state_dict()
+    reader = GGUFReader(exports["qwen3", "f32"])
+    assert field(reader, "general.architecture") == "qwen3"
+    assert field(reader, "qwen3.attention.key_length") == 16
+    for name, key in (
+        ("attn_q.weight", "q_proj.weight"),  # NEOX rope in llama.cpp: not permuted
+        ("attn_k.weight", "k_proj.weight"),
+        ("attn_q_norm.weight", "q_norm.weight"),
+        ("attn_k_norm.weight", "k_norm.weight"),
+    ):
+        expected = state[f"model.layers.1.self_attn.{key}"].numpy()
+        np.testing.assert_array_equal(tensor(reader, f"blk.1.{name}").data, expected)
+    assert np.abs(state["model.layers.1.self_attn.q_norm.weight"].numpy() - 1).max() > 1e-2  # trained
+
+
 def test_quantised_files_keep_norms_in_f32(exports):
     reader = GGUFReader(exports["llama", "q8_0"])
     types = {t.name: t.tensor_type for t in reader.tensors}
@@ -207,6 +226,9 @@ def test_models_llama_cpp_cannot_run_exactly_are_refused(tmp_path, models):
     cases = {
         "dynamic": dict(rope_scaling={"kind": "dynamic", "factor": 2.0}),
         "norm_topk_prob": dict(n_experts=4, qkv_bias=True),  # Wren's default renormalises top-k
+        "biases": dict(qk_norm=True, qkv_bias=True, o_bias=True),  # llama.cpp's qwen3 reads none
+        # qwen3moe always renormalises the top-k weights
+        "renormalise": dict(qk_norm=True, n_experts=4, shared_expert_ffn_dim=0, norm_topk_prob=False),
     }
     for name, settings in cases.items():
         config = preset_config("micro", vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, **settings)
@@ -262,6 +284,8 @@ def test_llama_cpp_tokenises_like_wren(models, exports, arch):
         ("llama", "q4_0"),
         ("qwen2", "f32"),
         ("qwen2", "f16"),
+        ("qwen3", "f32"),
+        ("qwen3", "f16"),
     ],
 )
 def test_llama_cpp_logits_match_wren(models, exports, arch, file_type):
@@ -293,7 +317,8 @@ def llama_cpp_greedy(llm, ids: list[int], max_new_tokens: int, stops: set[int]) 
 
 @needs_llama_cpp
 @pytest.mark.parametrize(
-    ("arch", "file_type"), [("llama", "f32"), ("llama", "f16"), ("llama", "q8_0"), ("qwen2", "f32")]
+    ("arch", "file_type"),
+    [("llama", "f32"), ("llama", "f16"), ("llama", "q8_0"), ("qwen2", "f32"), ("qwen3", "f32")],
 )
 def test_llama_cpp_greedy_generation_matches_wren_engine(models, exports, arch, file_type):
     tokenizer = Tokenizer.load(models[arch])
@@ -324,7 +349,7 @@ def test_llama_cpp_chat_completion_uses_the_embedded_chat_template(models, expor
 
 def random_checkpoint(directory, tokenizer: Tokenizer, **settings):
     """A random two-layer model with weights large enough (std 0.3) for attention to be sharp, so
-    rotary positions and expert routing change the logits a lot; biases random too."""
+    rotary positions and expert routing change the logits a lot; biases and QK-norm weights random too."""
     torch.manual_seed(0)
     config = preset_config(
         "micro", vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, init_std=0.3, **settings
@@ -334,12 +359,16 @@ def random_checkpoint(directory, tokenizer: Tokenizer, **settings):
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.3)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.3)
     return save_checkpoint(model, directory, tokenizer)
 
 
 LONG = dict(max_seq_len=128, rope_theta=10000.0)
 SHAPES = {
     "qwen2moe": dict(n_experts=4, n_experts_per_token=2, norm_topk_prob=False, qkv_bias=True),
+    "qwen3moe": dict(qk_norm=True, n_experts=4, n_experts_per_token=2, shared_expert_ffn_dim=0),
+    "qwen3moe-top1": dict(qk_norm=True, n_experts=4, n_experts_per_token=1, shared_expert_ffn_dim=0),
     "untied-output": dict(tie_embeddings=False),
     "linear": dict(LONG, rope_scaling=dict(kind="linear", factor=4.0)),
     "llama3": dict(LONG, rope_scaling=dict(kind="llama3", factor=4.0, original_max_position_embeddings=32)),
@@ -348,22 +377,31 @@ SHAPES = {
         qkv_bias=True,
         rope_scaling=dict(kind="yarn", factor=4.0, original_max_position_embeddings=32, attention_factor=1.3),
     ),
+    # Qwen3's heads may be wider than dim / n_heads (here 4 x 32 on dim 64).
+    "yarn-qwen3-wide-heads": dict(
+        LONG,
+        qk_norm=True,
+        head_dim=32,
+        rope_scaling=dict(kind="yarn", factor=4.0, original_max_position_embeddings=32),
+    ),
 }
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("shape", SHAPES)
 def test_llama_cpp_runs_moe_and_scaled_rope_models_like_wren(tmp_path, models, shape):
-    """Qwen2-MoE, an untied output matrix, and rotary scaling (linear, Llama 3, YaRN) over 100
-    positions, 3x past the trained 32 where it applies: f32 logits within 1e-4. The same weights
-    without the scaling give logits far apart, so the scaling is really carried over."""
+    """Qwen2-MoE, Qwen3-MoE, an untied output matrix, wide Qwen3 heads, and rotary scaling (linear,
+    Llama 3, YaRN) over 100 positions, 3x past the trained 32 where it applies: f32 logits within
+    1e-4. The same weights without the scaling give logits far apart, so the scaling is really
+    carried over."""
     model_dir = random_checkpoint(tmp_path / "model", Tokenizer.load(models["llama"]), **SHAPES[shape])
     path = export_gguf(model_dir, tmp_path / "model.gguf", "f32").path
     reader = GGUFReader(path)
-    if shape == "qwen2moe":
-        assert field(reader, "general.architecture") == "qwen2moe"
-        assert field(reader, "qwen2moe.expert_count") == 4
-        assert field(reader, "qwen2moe.expert_used_count") == 2
+    if shape.startswith(("qwen2moe", "qwen3moe")):
+        arch = shape.split("-")[0]
+        assert field(reader, "general.architecture") == arch
+        assert field(reader, f"{arch}.expert_count") == 4
+        assert field(reader, f"{arch}.expert_used_count") == SHAPES[shape]["n_experts_per_token"]
     if shape in ("qwen2moe", "untied-output"):  # qwen2moe has no tied fallback: it always stores one
         assert "output.weight" in {t.name for t in reader.tensors}
 

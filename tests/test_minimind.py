@@ -54,11 +54,13 @@ def swiglu(x, prefix, w):
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def moe(x, prefix, w, top_k):
+def moe(x, prefix, w, top_k, renormalise=None):
+    """renormalise None: the older rule (only when top_k > 1); the current layout renormalises
+    whenever norm_topk_prob is set, top-1 included."""
     flat = x.reshape(-1, x.shape[-1])
     scores = F.softmax(flat @ w[f"{prefix}.gate.weight"].T, dim=-1)
     weights, ids = torch.topk(scores, top_k, dim=-1)
-    if top_k > 1:
+    if top_k > 1 if renormalise is None else renormalise:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     out = torch.zeros_like(flat)
     for token in range(flat.shape[0]):
@@ -74,7 +76,9 @@ def shared_experts(w, prefix):
     return sorted({k.rsplit(".", 2)[0] for k in w if k.startswith(f"{prefix}.shared_experts.")})
 
 
-def minimind_logits(w, ids, n_heads, n_kv_heads, theta=1e6, top_k=2, rope=rope_halves, eps=1e-5):
+def minimind_logits(
+    w, ids, n_heads, n_kv_heads, theta=1e6, top_k=2, rope=rope_halves, eps=1e-5, renormalise=None
+):
     """w: MiniMind2-named weights (the older layout's tensors are the same, under other names).
     With q_norm / k_norm weights (the current layout), each head's q and k are normalised first."""
     x = w["model.embed_tokens.weight"][ids]
@@ -95,7 +99,10 @@ def minimind_logits(w, ids, n_heads, n_kv_heads, theta=1e6, top_k=2, rope=rope_h
         )
         x = x + attn.transpose(1, 2).reshape(batch, seq, -1) @ w[f"{p}.self_attn.o_proj.weight"].T
         h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
-        x = x + (moe(h, f"{p}.mlp", w, top_k) if f"{p}.mlp.gate.weight" in w else swiglu(h, f"{p}.mlp", w))
+        if f"{p}.mlp.gate.weight" in w:
+            x = x + moe(h, f"{p}.mlp", w, top_k, renormalise)
+        else:
+            x = x + swiglu(h, f"{p}.mlp", w)
     return rms_norm(x, w["model.norm.weight"], eps) @ w["model.embed_tokens.weight"].T
 
 
@@ -243,6 +250,33 @@ def test_qk_norm_layout_becomes_qwen3(tmp_path, vocab):
         torch.testing.assert_close(hf(IDS).logits, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_qk_norm_moe_becomes_qwen3_moe(tmp_path, vocab):
+    """The current MiniMind MoE: QK-norm, routed experts only, top-1, renormalised (weight 1)."""
+    w = with_qk_norm(minimind2_state(vocab, n_experts=4, seed=5))
+    out, result = convert(w, tmp_path)
+    assert "qk-norm checkpoint" in result.stdout
+    config = read_model_config(out)
+    assert config.qk_norm and (config.n_experts, config.n_experts_per_token) == (4, 1)
+    assert config.norm_topk_prob and config.shared_expert_ffn_dim == 0 and not config.qkv_bias
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == ["Qwen3MoeForCausalLM"]
+
+    reference = minimind_logits(w, IDS, n_heads=8, n_kv_heads=2, top_k=1, eps=1e-6, renormalise=True)
+    unweighted = minimind_logits(w, IDS, n_heads=8, n_kv_heads=2, top_k=1, eps=1e-6, renormalise=False)
+    assert (reference - unweighted).abs().max() > 1e-2  # the routing weight matters
+    torch.testing.assert_close(wren_logits(out), reference, atol=1e-4, rtol=1e-4)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, reference, atol=1e-4, rtol=1e-4)
+
+    # Top-2 (MiniMind's num_experts_per_tok=2), in this process.
+    torch.save(w, tmp_path / "top2.pth")
+    convert_minimind(tmp_path / "top2.pth", tmp_path / "top2", overrides={"n_experts_per_token": 2})
+    reference = minimind_logits(w, IDS, n_heads=8, n_kv_heads=2, top_k=2, eps=1e-6, renormalise=True)
+    torch.testing.assert_close(wren_logits(tmp_path / "top2"), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_moe_folds_minimind_shared_experts(tmp_path, vocab):
     w = minimind2_state(vocab, n_experts=4, n_shared=2, seed=1)
     out, result = convert(w, tmp_path)
@@ -295,7 +329,11 @@ def test_bad_checkpoints_are_named(tmp_path, vocab, capsys):
     w = minimind2_state(vocab)
     cases = {
         "extra.pth": ({**w, "model.layers.0.mlp.bias": torch.zeros(3)}, [], "model.layers.0.mlp.bias"),
-        "qknorm-moe.pth": (with_qk_norm(minimind2_state(vocab, n_experts=4)), [], "QK-norm is not supported"),
+        "qknorm-shared.pth": (
+            with_qk_norm(minimind2_state(vocab, n_experts=4, n_shared=1)),
+            [],
+            "Qwen3-MoE, which has no shared expert",
+        ),
         "heads.pth": (w, ["--set", "n_heads=5"], "n_heads=5"),
         "unknown.pth": (w, ["--set", "n_wings=2"], "n_wings"),
         "junk.pth": (None, [], "cannot read a PyTorch checkpoint"),

@@ -85,9 +85,7 @@ def test_rows_at_different_positions_share_one_cache():
         cache = KVCache(config, batch_size=2, max_len=16)
         # Prefill each row separately (row 1 is shorter), then decode both in one batch.
         model(a[:, :9], positions=torch.arange(9)[None], cache=cache)
-        row_b_cache = KVCache(config, batch_size=1, max_len=16)
-        model(b[:, :5], positions=torch.arange(5)[None], cache=row_b_cache)
-        cache.keys[:, 1:2], cache.values[:, 1:2] = row_b_cache.keys, row_b_cache.values
+        model(b[:, :5], positions=torch.arange(5)[None], cache=cache, cache_rows=torch.tensor([1]))
         step = model(torch.cat([a[:, 9:], b[:, 5:]]), positions=torch.tensor([[9], [5]]), cache=cache).logits[
             :, -1
         ]

@@ -1,13 +1,13 @@
 """Wren's one model format: a Hugging Face model directory.
 
-    config.json               stock architecture (Llama / Qwen2 / Mistral / Qwen2-MoE / Qwen3)
+    config.json               stock architecture (Llama / Qwen2 / Mistral / Qwen2-MoE / Qwen3 / Qwen3-MoE)
     model.safetensors         stock tensor names
     generation_config.json    eos / bos / pad ids
     tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
     trainer_state/            optional, written by the trainer for exact resume
 
 transformers and vLLM load it with no custom code; Wren loads its own directories and any
-Llama-, Mistral-, Qwen2- or Qwen2-MoE-shaped checkpoint written by someone else.
+Llama-, Mistral-, Qwen2-, Qwen2-MoE-, Qwen3- or Qwen3-MoE-shaped checkpoint written by someone else.
 """
 
 from __future__ import annotations
@@ -108,34 +108,60 @@ def load_model(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     adapter: str | Path | None = None,
+    quantized: bool = False,
 ) -> CausalLM:
     """Load a checkpoint directory into Wren's model, in eval mode.
 
     dtype None keeps the dtype the weights are stored in. `adapter`, a PEFT LoRA adapter
     directory, is merged into the weights (see wren.checkpoint.adapter.apply_adapter).
+    `quantized` accepts a checkpoint written by `wren quantize` (wren.checkpoint.quantized): its
+    linear layers load as int8/int4 layers, for inference only. Without it such a checkpoint is
+    refused, since whoever asked wants float weights to train, merge or export.
     """
+    from wren.checkpoint.quantized import read_quantization, refuse_quantized
+
     path = Path(path)
     config = read_model_config(path)
+    quantization = read_quantization(path)
+    if quantization is not None and (not quantized or adapter is not None):
+        refuse_quantized(path, "merging a LoRA adapter into it needs" if quantized else None)
     state = stock_to_wren(read_weights(path, allow_pickle=allow_pickle))
-    if config.tie_embeddings:
+    tied = config.tie_embeddings and quantization is None  # a quantised output layer is its own copy
+    if tied:
         state.pop("lm_head.weight", None)
         state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-    if dtype is None:
-        dtype = next(
-            (t.dtype for t in state.values() if t is not None and t.is_floating_point()), torch.float32
-        )
 
     # Build on the meta device (no memory, no random init), then adopt the loaded tensors.
     with torch.device("meta"):
         model = CausalLM(config)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if v is not None}
+        if quantization is not None:
+            from wren.model.quant import quantize_linears
+
+            quantize_linears(model, quantization.bits, quantization.group_size, cpu_kernels=False)
+    # Quantised weights and scales keep their dtype, and are copied: safetensors hands out tensors
+    # at any byte offset, and PyTorch's CPU int8 kernel crashes on weights not 16-byte aligned.
+    buffers = dict(model.named_buffers())
+    if dtype is None:
+        floats = (
+            t.dtype for k, t in state.items() if k not in buffers and t is not None and t.is_floating_point()
+        )
+        dtype = next(floats, torch.float32)
+    state = {
+        k: v.to(device=device, copy=True) if k in buffers else v.to(device=device, dtype=dtype)
+        for k, v in state.items()
+        if v is not None
+    }
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise WrenError(f"{path}: weights do not match config.json ({_first_line(exc)})") from exc
-    if config.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialise_buffers(model, config, device)
+    if quantization is not None:
+        from wren.model.quant import pack_for_cpu
+
+        pack_for_cpu(model)
     if adapter is not None:
         from wren.checkpoint.adapter import apply_adapter
 

@@ -1,10 +1,11 @@
 """Translate between Wren's `ModelConfig` and a Hugging Face `config.json`.
 
 Wren writes the stock architectures (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM and,
-with QK-norm, Qwen3ForCausalLM for dense models; Qwen2MoeForCausalLM for mixture-of-experts) with
-the keys every transformers release and vLLM understand (`rope_theta` and `rope_scaling`, not
-transformers 5's `rope_parameters`), and reads configs written by transformers 4 or 5 for those
-same families.
+with QK-norm, Qwen3ForCausalLM for dense models; Qwen2MoeForCausalLM for mixture-of-experts, and
+Qwen3MoeForCausalLM for mixture-of-experts with QK-norm) with the keys every transformers release
+and vLLM understand (`rope_theta` and `rope_scaling`, not transformers 5's `rope_parameters`;
+`num_experts`, not transformers 5's `num_local_experts`), and reads configs written by
+transformers 4 or 5 for those same families.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 from wren.model.config import ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+_QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+_MOE_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
 class UnsupportedConfig(ValueError):
@@ -46,7 +49,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A Wren config for a Llama-, Mistral-, Qwen2-, Qwen2-MoE- or Qwen3-shaped `config.json` dict."""
+    """A Wren config for a Llama-, Mistral-, Qwen2-, Qwen2-MoE-, Qwen3- or Qwen3-MoE-shaped
+    `config.json` dict."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedConfig(
@@ -57,7 +61,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedConfig(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     if hf.get("mlp_bias"):
         raise UnsupportedConfig("MLP biases are not supported")
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
         raise UnsupportedConfig(f"{model_type}'s per-layer sliding window is not supported")
 
     theta, rope = _rope_from_hf(hf)
@@ -81,19 +85,21 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in _QK_NORM_TYPES,
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
         init_std=hf.get("initializer_range", 0.02),
     )
-    if model_type == "qwen2_moe":
+    if model_type in _MOE_TYPES:
         values.update(
-            n_experts=hf["num_experts"],
+            # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+            n_experts=hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],
             n_experts_per_token=hf["num_experts_per_tok"],
             expert_ffn_dim=hf["moe_intermediate_size"],
-            shared_expert_ffn_dim=hf["shared_expert_intermediate_size"],
+            # Qwen3-MoE has no shared expert.
+            shared_expert_ffn_dim=hf["shared_expert_intermediate_size"] if model_type == "qwen2_moe" else 0,
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
             moe_layer_step=hf.get("decoder_sparse_step", 1),
             dense_layers=list(hf.get("mlp_only_layers") or []),
@@ -120,12 +126,19 @@ def _rope_to_hf(rope: RopeScaling | None) -> dict[str, Any] | None:
 def hf_architecture(config: ModelConfig) -> tuple[str, str]:
     """(architecture class, model_type) that represents this config exactly."""
     if config.qk_norm:
-        if config.is_moe or config.sliding_window or config.qkv_bias != config.o_bias:
+        if config.sliding_window or config.qkv_bias != config.o_bias:
             raise UnsupportedConfig(
-                "a QK-norm model exports as Qwen3: dense, no sliding window, and biases on all of "
-                "q/k/v/o or none"
+                "a QK-norm model exports as Qwen3 or Qwen3-MoE: no sliding window, and biases on all "
+                "of q/k/v/o or none"
             )
-        return "Qwen3ForCausalLM", "qwen3"
+        if not config.is_moe:
+            return "Qwen3ForCausalLM", "qwen3"
+        if config.shared_expert_ffn_dim:
+            raise UnsupportedConfig(
+                "a QK-norm MoE model exports as Qwen3-MoE, which has no shared expert; this one has "
+                f"a shared expert of width {config.shared_expert_ffn_dim} (no stock format has both)"
+            )
+        return "Qwen3MoeForCausalLM", "qwen3_moe"
     if config.is_moe:
         if config.o_bias or not config.shared_expert_ffn_dim:
             raise UnsupportedConfig(
@@ -185,20 +198,25 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
             sliding_window=None,
             max_window_layers=config.n_layers,
         )
-    else:
+    elif model_type == "qwen2_moe":
+        hf.update(
+            shared_expert_intermediate_size=config.shared_expert_ffn_dim,
+            qkv_bias=config.qkv_bias,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=config.n_layers,
+        )
+    else:  # qwen3_moe
+        hf.update(attention_bias=config.qkv_bias, use_sliding_window=False, sliding_window=None)
+    if model_type in _MOE_TYPES:
         hf.update(
             num_experts=config.n_experts,
             num_experts_per_tok=config.n_experts_per_token,
             moe_intermediate_size=config.expert_ffn_dim,
-            shared_expert_intermediate_size=config.shared_expert_ffn_dim,
             norm_topk_prob=config.norm_topk_prob,
             decoder_sparse_step=config.moe_layer_step,
             mlp_only_layers=list(config.dense_layers),
             router_aux_loss_coef=config.aux_loss_coef,
             output_router_logits=False,
-            qkv_bias=config.qkv_bias,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=config.n_layers,
         )
     return hf

@@ -10,13 +10,16 @@ from typing import Any
 from safetensors import safe_open
 
 from wren.checkpoint import read_model_config
-from wren.checkpoint.weights import SAFETENSORS, SAFETENSORS_INDEX, read_weights
+from wren.checkpoint.quantized import read_quantization
+from wren.checkpoint.weights import QUANTIZED_SAFETENSORS, SAFETENSORS, SAFETENSORS_INDEX, read_weights
 from wren.errors import WrenError
 
 
 def _tensor_headers(path: Path, allow_pickle: bool) -> dict[str, tuple[list[int], str]]:
     """name -> (shape, dtype) for every stored tensor."""
-    if (path / SAFETENSORS).is_file():
+    if (path / QUANTIZED_SAFETENSORS).is_file():
+        files = [path / QUANTIZED_SAFETENSORS]
+    elif (path / SAFETENSORS).is_file():
         files = [path / SAFETENSORS]
     elif (path / SAFETENSORS_INDEX).is_file():
         weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
@@ -41,9 +44,16 @@ def describe_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[st
     config = read_model_config(path)
     hf = json.loads((path / "config.json").read_text())
     headers = _tensor_headers(path, allow_pickle)
-    n_params = sum(_numel(shape) for shape, _ in headers.values())
+    quantization = read_quantization(path)
+    if quantization is None:
+        n_params = sum(_numel(shape) for shape, _ in headers.values())
+        dtypes = Counter(dtype for _, dtype in headers.values())
+    else:
+        n_params = sum(
+            _quantized_parameters(name, shape, config.tie_embeddings) for name, (shape, _) in headers.items()
+        )
+        dtypes = Counter(dtype for name, (_, dtype) in headers.items() if name.endswith((".weight", ".bias")))
     embedding = _numel(headers.get("model.embed_tokens.weight", ([0], ""))[0])
-    dtypes = Counter(dtype for _, dtype in headers.values())
     layer0 = {
         name.removeprefix("model.layers.0."): shape
         for name, (shape, _) in headers.items()
@@ -55,6 +65,7 @@ def describe_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[st
         "parameters": n_params,
         "non_embedding_parameters": n_params - embedding * (1 if config.tie_embeddings else 2),
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "quantization": quantization.describe() if quantization else None,
         "vocab_size": config.vocab_size,
         "context_length": config.max_seq_len,
         "rope": {
@@ -84,6 +95,15 @@ def describe_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[st
     }
 
 
+def _quantized_parameters(name: str, shape: list[int], tied: bool) -> int:
+    """The parameters a tensor of a `wren quantize` checkpoint stands for: two per int4 byte, none
+    for scales and zeros, none for the output layer's own copy of a tied embedding."""
+    layer, _, leaf = name.rpartition(".")
+    if tied and layer == "lm_head":
+        return 0
+    return _numel(shape) * {"weight_int4": 2, "scale": 0, "zero": 0}.get(leaf, 1)
+
+
 def _numel(shape: list[int]) -> int:
     total = 1
     for size in shape:
@@ -97,6 +117,7 @@ def format_info(info: dict[str, Any]) -> str:
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)"),
         ("non-embedding", f"{info['non_embedding_parameters']:,}"),
         ("dtype", info["dtype"]),
+        *([("quantization", info["quantization"])] if info.get("quantization") else []),
         ("vocab", f"{info['vocab_size']:,}"),
         ("context length", f"{info['context_length']:,}"),
         (

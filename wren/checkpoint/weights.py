@@ -22,6 +22,8 @@ from wren.errors import WrenError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# `wren quantize`'s weights (wren.checkpoint.quantized): a name transformers does not look for.
+QUANTIZED_SAFETENSORS = "model.quantized.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pth", "consolidated.pth")
 
 _EXPERT_KEY = re.compile(
@@ -61,6 +63,8 @@ def _shard_files(directory: Path, index_name: str) -> list[Path]:
 
 def read_weights(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, by its name on disk."""
+    if (directory / QUANTIZED_SAFETENSORS).is_file():
+        return _read_safetensors(directory / QUANTIZED_SAFETENSORS)
     if (directory / SAFETENSORS).is_file():
         return _read_safetensors(directory / SAFETENSORS)
     if (directory / SAFETENSORS_INDEX).is_file():

@@ -30,13 +30,15 @@ def load_for_scoring(
 ) -> tuple[CausalLM, Tokenizer]:
     """The model (eval mode) and its tokenizer. dtype "auto" keeps the stored dtype, except that
     float16 runs as float32 on a CPU, whose float16 kernels are slow. `adapter`, a PEFT LoRA
-    directory, is merged into the weights."""
+    directory, is merged into the weights. A checkpoint written by `wren quantize` loads quantised."""
     from wren.checkpoint import load_model
     from wren.infer.load import native_dtype
 
     target = pick_device(device)
     torch_dtype = native_dtype(path, dtype, target)
-    model = load_model(path, device=target, dtype=torch_dtype, allow_pickle=allow_pickle, adapter=adapter)
+    model = load_model(
+        path, device=target, dtype=torch_dtype, allow_pickle=allow_pickle, adapter=adapter, quantized=True
+    )
     return model, Tokenizer.load(path)
 
 

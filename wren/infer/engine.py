@@ -42,13 +42,14 @@ class Engine:
         max_batch_size: int = 16,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        compile: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.runner = _make_runner(model, max_batch_size, max_seq_len, prefill_chunk)
+        self.runner = _make_runner(model, max_batch_size, max_seq_len, prefill_chunk, compile)
         self.max_seq_len = self.runner.max_seq_len
         self.device = self.runner.device
         vocab = self.runner.vocab_size
@@ -201,9 +202,15 @@ class Engine:
         return tokens.cpu()
 
 
-def _make_runner(model: Any, max_batch_size: int, max_seq_len: int | None, prefill_chunk: int) -> Runner:
+def _make_runner(
+    model: Any, max_batch_size: int, max_seq_len: int | None, prefill_chunk: int, compile: bool | None
+) -> Runner:
     if isinstance(model, CausalLM):
-        return NativeRunner(model, max_batch_size, max_seq_len or model.config.max_seq_len, prefill_chunk)
+        if compile is None:
+            compile = next(model.parameters()).device.type == "cuda"
+        return NativeRunner(
+            model, max_batch_size, max_seq_len or model.config.max_seq_len, prefill_chunk, compile
+        )
     from wren.infer.transformers_backend import TransformersRunner
 
     return TransformersRunner(model, max_batch_size, max_seq_len, prefill_chunk)

@@ -19,6 +19,7 @@ Backend = Literal["auto", "native", "transformers"]
 BACKENDS = ("auto", "native", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+QUANTIZE = {"int8": 8, "int4": 4}  # load-time --quantize: bits
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
@@ -44,18 +45,43 @@ def native_dtype(model: str | Path, dtype: str, device: str | torch.device) -> t
 
 def choose_backend(model: str | Path, backend: Backend = "auto") -> Literal["native", "transformers"]:
     """`auto` runs Wren's own model code when it reads the checkpoint's config.json (Llama,
-    Mistral, Qwen2, Qwen2-MoE, Qwen3), and transformers for anything else, hub ids included."""
+    Mistral, Qwen2, Qwen2-MoE, Qwen3; float or quantised by `wren quantize`), and transformers for
+    anything else, hub ids and other quantisation formats included."""
     if backend not in BACKENDS:
         raise WrenError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     from wren.checkpoint import read_model_config
+    from wren.checkpoint.quantized import read_quantization
 
     try:
         read_model_config(model)
+        read_quantization(model)
     except WrenError:
         return "transformers"
     return "native"
+
+
+def quantize_loaded(network: torch.nn.Module, model: str | Path, quantize: str | None) -> None:
+    """Apply a load-time `quantize` ("int8" / "int4", or None) to the native model just loaded
+    from `model`, in place."""
+    from wren.checkpoint.quantized import read_quantization
+
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise WrenError(f"unknown quantisation {quantize!r}; expected {' or '.join(QUANTIZE)}")
+    stored = read_quantization(model)
+    if stored is not None:
+        raise WrenError(
+            f"{model}: already quantised ({stored.describe()}, by wren quantize); drop --quantize"
+        )
+    from wren.model.quant import quantize_linears
+
+    try:
+        quantize_linears(network, bits=QUANTIZE[quantize])
+    except ValueError as exc:
+        raise WrenError(f"{model}: cannot quantise to {quantize}: {exc}") from None
 
 
 def load_engine(
@@ -70,37 +96,43 @@ def load_engine(
     max_seq_len: int | None = None,
     prefill_chunk: int = 512,
     quantize: str | None = None,
+    compile: bool | None = None,
 ) -> Engine:
     """An `Engine` over the model at `model` (a directory, or a hub id for transformers).
 
     dtype 'auto' keeps the checkpoint's dtype, except that float16 runs as float32 on the CPU,
     whose float16 kernels are slow. Without a device the model goes to the GPU when there is one.
-    `adapter` is a PEFT LoRA directory, merged into the weights at load. `quantize="int8"`
-    stores the native model's linear weights as int8 (see wren.model.quant).
+    `adapter` is a PEFT LoRA directory, merged into the weights at load. `quantize="int8"` or
+    `"int4"` stores the native model's linear weights as integers (see wren.model.quant); a
+    checkpoint written by `wren quantize` loads quantised without it. `compile` runs the native
+    decode step under torch.compile (None: on CUDA only; see wren.infer.engine).
     """
     chosen = choose_backend(model, backend)
-    if quantize not in (None, "int8"):
-        raise WrenError(f"unknown quantisation {quantize!r}; expected int8")
+    if quantize not in (None, *QUANTIZE):
+        raise WrenError(f"unknown quantisation {quantize!r}; expected {' or '.join(QUANTIZE)}")
     if quantize and chosen != "native":
-        raise WrenError("--quantize int8 needs the native backend (a checkpoint Wren's model code runs)")
+        raise WrenError(
+            f"--quantize {quantize} needs the native backend (a checkpoint Wren's model code runs)"
+        )
     if chosen == "native":
         from wren.checkpoint import load_model
         from wren.tokenizer import Tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        network = load_model(model, device=device, dtype=native_dtype(model, dtype, device), adapter=adapter)
-        if quantize:
-            from wren.model.quant import quantize_int8
-
-            quantize_int8(network)
+        network = load_model(
+            model, device=device, dtype=native_dtype(model, dtype, device), adapter=adapter, quantized=True
+        )
+        quantize_loaded(network, model, quantize)
         tokenizer = Tokenizer.load(model)
     else:
+        from wren.checkpoint.quantized import refuse_quantized
         from wren.infer.transformers_backend import load_transformers_model
 
+        refuse_quantized(model, "the transformers backend needs")
         torch_dtype = parse_dtype(dtype)
         network, tokenizer = load_transformers_model(
             model, torch_dtype, device, trust_remote_code=trust_remote_code, adapter=adapter
         )
         if torch_dtype is None and network.device.type == "cpu" and network.dtype == torch.float16:
             network = network.float()
-    return Engine(network, tokenizer, max_batch_size, max_seq_len, prefill_chunk)
+    return Engine(network, tokenizer, max_batch_size, max_seq_len, prefill_chunk, compile)

@@ -38,7 +38,14 @@ class NativeRunner:
     and a new occupant writes positions 0..p before any query at p reads them.
     """
 
-    def __init__(self, model: CausalLM, max_batch_size: int, max_seq_len: int, prefill_chunk: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        max_batch_size: int,
+        max_seq_len: int,
+        prefill_chunk: int,
+        compile: bool = False,
+    ) -> None:
         self.model = model.eval()
         param = next(model.parameters())
         self.device = param.device
@@ -46,6 +53,11 @@ class NativeRunner:
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.prefill_chunk = prefill_chunk
         self.cache = KVCache(model.config, max_batch_size, self.max_seq_len, self.device, param.dtype)
+        self.compiled = None
+        if compile:
+            from wren.infer.compiled import CompiledDecode
+
+            self.compiled = CompiledDecode(model, self.cache)
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
         """All the prompts in one forward pass per chunk of `prefill_chunk` positions.
@@ -71,6 +83,10 @@ class NativeRunner:
             )
 
     def decode(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor:
+        if self.compiled is not None:
+            logits = self.compiled(slots, ids, positions)
+            if logits is not None:
+                return logits
         tokens = torch.tensor(ids, device=self.device)[:, None]
         where = torch.tensor(positions, device=self.device)[:, None]
         # The one-stream fast path, and any batch packed into slots 0..n-1: no row gather.

@@ -1,10 +1,12 @@
 """The transformers backend: any model `AutoModelForCausalLM` loads, under Wren's engine.
 
-`TransformersRunner` gives each slot its own `DynamicCache` and decodes the active slots one after
-another. That costs a forward pass per stream, where the native runner does one per step, but it
-works for every architecture transformers knows (MiniCPM, Yi, Qwen, remote code...) without
+`TransformersRunner` prefills each slot into its own `DynamicCache`, then decodes the active slots
+in one batched forward pass per step (`transformers_batch`: their caches left-padded side by side)
+when the model allows it, which transformers' own full-attention models do. Anything else (remote
+code, sliding-window or recurrent layers) decodes the slots one after another: a forward pass per
+stream instead of per step, but it works for every architecture transformers knows without
 reimplementing any of them. `HFTokenizer` gives a transformers tokenizer the small surface the
-engine uses. transformers (extra `hf`) is imported only here.
+engine uses. transformers (extra `hf`) is imported only here and in `transformers_batch`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from typing import Any
 import torch
 
 from wren.errors import WrenError
+from wren.infer.transformers_batch import SlotBatch, can_batch
 
 # Context length when neither the model config nor the caller gives one.
 _FALLBACK_CONTEXT = 2048
 
 
 class TransformersRunner:
-    """Per-slot KV caches over a transformers causal LM (see the module docstring)."""
+    """Per-slot prefill and (where possible) batched decode over a transformers causal LM (see the
+    module docstring). `batch` is None when the model decodes slot by slot."""
 
     def __init__(self, model: Any, max_batch_size: int, max_seq_len: int | None, prefill_chunk: int) -> None:
         self.model = model.eval()
@@ -31,23 +35,32 @@ class TransformersRunner:
         limit = getattr(model.config, "max_position_embeddings", None) or _FALLBACK_CONTEXT
         self.max_seq_len = min(max_seq_len or limit, limit)
         self.prefill_chunk = prefill_chunk
-        self.caches: list[Any] = [None] * max_batch_size
+        self.caches: list[Any] = [None] * max_batch_size  # prefilled, not yet in the batch
+        self.batch = SlotBatch() if can_batch(model) else None
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
         from transformers import DynamicCache
 
         for slot, ids in zip(slots, prompts, strict=True):
+            if self.batch is not None:
+                self.batch.drop(slot)
             # The cache infers each token's position from its own length, so chunks follow on.
             self.caches[slot] = DynamicCache(config=self.model.config)
             for start in range(0, len(ids), self.prefill_chunk):
                 self._forward(slot, ids[start : start + self.prefill_chunk])
 
     def decode(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor:
+        if self.batch is not None:
+            if slots != self.batch.slots:
+                self.batch.regroup(slots, self.caches)
+            return self.batch.forward(self.model, ids, positions, self.device)
         pairs = zip(slots, ids, strict=True)
         return torch.cat([self._forward(slot, [token])[:, -1] for slot, token in pairs])
 
     def release(self, slot: int) -> None:
         self.caches[slot] = None
+        if self.batch is not None:
+            self.batch.drop(slot)
 
     def _forward(self, slot: int, ids: list[int]) -> torch.Tensor:
         out = self.model(

@@ -9,6 +9,9 @@ Architectures (llama.cpp's names):
 - `qwen2`:    biases on q/k/v only. Its graph rotates halves (NEOX style): no permutation.
 - `qwen2moe`: a Qwen2-MoE model whose every layer is MoE, with a shared expert and
               norm_topk_prob off (llama.cpp's qwen2moe never renormalises the top-k weights).
+- `qwen3`:    QK-norm (`attn_q_norm` / `attn_k_norm`), no attention biases; rotate-half rope as qwen2.
+- `qwen3moe`: QK-norm and MoE in every layer, routed experts only, norm_topk_prob on (llama.cpp's
+              qwen3moe always renormalises the top-k weights), no attention biases.
 
 The tokenizer goes in as llama.cpp's "gpt2" (byte-level BPE) vocabulary; `pre_tokenizer_type`
 picks the llama.cpp pre-tokenizer whose regex is the one the tokenizer splits text with.
@@ -58,6 +61,8 @@ _LAYER_TENSORS = {
     "self_attn.v_proj.bias": ("ATTN_V", "bias"),
     "self_attn.o_proj.weight": ("ATTN_OUT", "weight"),
     "self_attn.o_proj.bias": ("ATTN_OUT", "bias"),
+    "self_attn.q_norm.weight": ("ATTN_Q_NORM", "weight"),
+    "self_attn.k_norm.weight": ("ATTN_K_NORM", "weight"),
     "post_attention_layernorm.weight": ("FFN_NORM", "weight"),
     "mlp.gate_proj.weight": ("FFN_GATE", "weight"),
     "mlp.up_proj.weight": ("FFN_UP", "weight"),
@@ -94,13 +99,13 @@ class GGUFExport:
 
 def llama_cpp_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly what Wren's model does, or a WrenError."""
-    if config.qk_norm:
-        raise WrenError("QK-norm (Qwen3-style) models have no GGUF export yet")
     if config.sliding_window and config.sliding_window < config.max_seq_len:
         raise WrenError(
             f"sliding-window attention (window {config.sliding_window}) has no GGUF export: llama.cpp's "
             "llama architecture attends to the whole context"
         )
+    if config.qk_norm:
+        return _qwen3_architecture(config)
     if config.is_moe:
         dense = [i for i in range(config.n_layers) if not config.is_moe_layer(i)]
         problems = []
@@ -127,6 +132,25 @@ def llama_cpp_architecture(config: ModelConfig) -> str:
             f"({config.n_heads} * {config.head_dim} != {config.dim})"
         )
     return arch
+
+
+def _qwen3_architecture(config: ModelConfig) -> str:
+    """qwen3 or qwen3moe for a QK-norm model. Their graphs size q/k/v from head_dim, so unlike
+    qwen2 they need no n_heads * head_dim == dim."""
+    problems = []
+    if config.qkv_bias or config.o_bias:
+        problems.append("it has attention biases (llama.cpp's qwen3 and qwen3moe read none)")
+    if config.is_moe:
+        dense = [i for i in range(config.n_layers) if not config.is_moe_layer(i)]
+        if dense:
+            problems.append(f"layers {dense} are dense (llama.cpp's qwen3moe makes every layer MoE)")
+        if config.shared_expert_ffn_dim:
+            problems.append("it has a shared expert (qwen3moe has none)")
+        if not config.norm_topk_prob:
+            problems.append("norm_topk_prob is off (qwen3moe always renormalises the top-k weights)")
+    if problems:
+        raise WrenError("this QK-norm model has no llama.cpp equivalent: " + "; ".join(problems))
+    return "qwen3moe" if config.is_moe else "qwen3"
 
 
 def interleave_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -181,6 +205,7 @@ def export_gguf(
     import gguf
 
     from wren.checkpoint import read_model_config
+    from wren.checkpoint.quantized import refuse_quantized
     from wren.checkpoint.weights import read_weights, stock_to_wren
     from wren.tokenizer import Tokenizer
 
@@ -188,6 +213,7 @@ def export_gguf(
         raise WrenError(f"unknown GGUF type {file_type!r}; expected one of {', '.join(GGUF_TYPES)}")
     model_dir, out = Path(model_dir), Path(out)
     config = read_model_config(model_dir)
+    refuse_quantized(model_dir, "GGUF export needs")
     arch = llama_cpp_architecture(config)
     tokenizer = Tokenizer.load(model_dir)
     state = stock_to_wren(read_weights(model_dir, allow_pickle=allow_pickle))
@@ -304,7 +330,8 @@ def _add_model_metadata(writer: Any, config: ModelConfig, name: str, file_type: 
         writer.add_expert_count(config.n_experts)
         writer.add_expert_used_count(config.n_experts_per_token)
         writer.add_expert_feed_forward_length(config.expert_ffn_dim)
-        writer.add_expert_shared_feed_forward_length(config.shared_expert_ffn_dim)
+        if config.shared_expert_ffn_dim:
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_ffn_dim)
     _add_rope_scaling(writer, config)
 
 

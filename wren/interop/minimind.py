@@ -13,8 +13,10 @@ Three key layouts are read (github.com/jingyaogong/minimind):
 
 - **qk-norm** (the current `model_minimind.py`): MiniMind2's names plus `self_attn.q_norm` /
   `k_norm`, an RMSNorm over each head's queries and keys before the rotary embedding, as in Qwen3.
-  Dense checkpoints become Qwen3-shaped Wren checkpoints; its defaults differ (rms_norm_eps 1e-6,
-  top-1 routing). MoE with QK-norm would need the Qwen3-MoE format and is refused for now.
+  Dense checkpoints become Qwen3-shaped Wren checkpoints, MoE ones (routed experts only) Qwen3-MoE
+  shaped; its defaults differ (rms_norm_eps 1e-6, top-1 routing, renormalised even at top-1, so
+  the chosen expert's weight is 1). Shared experts with QK-norm are refused: Qwen3-MoE, the one
+  stock format with QK-norm and experts, has no shared expert.
 
 A state dict says nothing about the number of heads, the rope base or the norm epsilon; those come
 from MiniMind's own defaults (n_heads=8, rope_theta=1e6, rms_norm_eps=1e-5, top-2 routing) and can be
@@ -209,10 +211,12 @@ def infer_config(
 
     moe_layers = [i for i in layers if f"model.layers.{i}.mlp.gate.weight" in state]
     dense_layers = [i for i in layers if i not in moe_layers]
-    if moe_layers and layout == "qk-norm":
+    n_shared = _count(state, f"model.layers.{moe_layers[0]}.mlp.shared_experts") if moe_layers else 0
+    if n_shared and layout == "qk-norm":
         raise WrenError(
-            f"{path}: a mixture-of-experts checkpoint with QK-norm is not supported yet "
-            "(it needs the Qwen3-MoE format); dense QK-norm checkpoints are"
+            f"{path}: a mixture-of-experts checkpoint with QK-norm and {n_shared} shared expert(s) cannot "
+            "be converted: QK-norm MoE is written as Qwen3-MoE, which has no shared expert (expected "
+            "routed experts only, as the current MiniMind MoE has)"
         )
     values: dict[str, Any] = {
         **MINIMIND_DEFAULTS,
@@ -232,21 +236,27 @@ def infer_config(
     if moe_layers:
         mlp = f"model.layers.{moe_layers[0]}.mlp"
         expert_ffn = _require(state, f"{mlp}.experts.0.gate_proj.weight", path).shape[0]
-        n_shared = _count(state, f"{mlp}.shared_experts")
         values.update(
             n_experts=_count(state, f"{mlp}.experts"),
             expert_ffn_dim=expert_ffn,
-            # MiniMind's shared experts are folded into one of their summed width; with none, a
-            # one-unit expert of zeros keeps the Qwen2-MoE shape (which needs a shared expert).
-            shared_expert_ffn_dim=n_shared * expert_ffn or 1,
             dense_layers=dense_layers,
-            # Qwen2-MoE readers (transformers 4, vLLM) always build q/k/v biases: write zeros.
-            qkv_bias=True,
         )
+        if layout == "qk-norm":
+            values["shared_expert_ffn_dim"] = 0  # Qwen3-MoE: routed experts only
+        else:
+            values.update(
+                # MiniMind's shared experts are folded into one of their summed width; with none, a
+                # one-unit expert of zeros keeps the Qwen2-MoE shape (which needs a shared expert).
+                shared_expert_ffn_dim=n_shared * expert_ffn or 1,
+                # Qwen2-MoE readers (transformers 4, vLLM) always build q/k/v biases: write zeros.
+                qkv_bias=True,
+            )
         values.setdefault("ffn_dim", expert_ffn)
     values.update(overrides)
-    if values.get("n_experts") and values["n_experts_per_token"] == 1:
-        values["norm_topk_prob"] = False  # MiniMind renormalises the top-k weights only when k > 1
+    if values.get("n_experts") and values["n_experts_per_token"] == 1 and layout != "qk-norm":
+        # Older MiniMind renormalises the top-k weights only when k > 1; the current one (qk-norm)
+        # whenever norm_topk_prob is set, which makes a top-1 weight exactly 1.
+        values["norm_topk_prob"] = False
     try:
         return ModelConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
@@ -254,7 +264,7 @@ def infer_config(
 
 
 def _to_stock(state: dict[str, torch.Tensor], config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
-    """MiniMind2-named tensors -> the stock (Llama / Qwen2-MoE) names and shapes Wren loads."""
+    """MiniMind2-named tensors -> the stock (Llama / Qwen2-MoE / Qwen3(-MoE)) names and shapes Wren loads."""
     dtype = state["model.embed_tokens.weight"].dtype
     out = {k: v.to(dtype) for k, v in state.items() if ".mlp.shared_experts." not in k}
     if config.tie_embeddings:
@@ -270,7 +280,7 @@ def _to_stock(state: dict[str, torch.Tensor], config: ModelConfig, layout: str) 
                 out.setdefault(
                     f"{attn}.{proj}.bias", torch.zeros(out[f"{attn}.{proj}.weight"].shape[0], dtype=dtype)
                 )
-        if config.is_moe_layer(i):
+        if config.is_moe_layer(i) and config.shared_expert_ffn_dim:
             out.update(_folded_shared_expert(state, f"model.layers.{i}.mlp", config, dtype))
     return out
 

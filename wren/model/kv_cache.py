@@ -22,15 +22,19 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        # One tensor per layer, not one for all: a compiled step then updates each in place,
+        # where an update through a view of a shared tensor makes inductor copy all of it.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.max_len = max_len
+        self.dtype = dtype
+        self.device = self.keys[0].device
         self._rows = torch.arange(batch_size, device=device)[:, None]
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self._rows.shape[0]
 
     def update(
         self,
@@ -49,9 +53,10 @@ class KVCache:
         n = positions.shape[0]
         index = self._rows[:n] if rows is None else rows[:, None]
         # Advanced indices split by a slice put the indexed dims first: (batch, seq, heads, dim).
-        self.keys[layer][index, :, positions] = keys.transpose(1, 2).to(self.keys.dtype)
-        self.values[layer][index, :, positions] = values.transpose(1, 2).to(self.values.dtype)
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        layer_keys[index, :, positions] = keys.transpose(1, 2).to(self.dtype)
+        layer_values[index, :, positions] = values.transpose(1, 2).to(self.dtype)
         if rows is None:
-            return self.keys[layer, :n, :, :span], self.values[layer, :n, :, :span]
+            return layer_keys[:n, :, :span], layer_values[:n, :, :span]
         # An arbitrary set of rows (a continuous batch's active slots) costs one gather.
-        return self.keys[layer, :, :, :span][rows], self.values[layer, :, :, :span][rows]
+        return layer_keys[:, :, :span][rows], layer_values[:, :, :span][rows]

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wren.model.linear import Linear
+
 ADAPTABLE_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -57,14 +59,14 @@ class LoRALinear(nn.Module):
         """The update as a full (out x in) matrix, in fp32: scaling * B @ A."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
-    def merge_into_base(self) -> nn.Linear:
+    def merge_into_base(self) -> Linear:
         """Fold the update into the base weight, in place, and return a plain linear layer
         holding that weight (and the bias): the same function up to rounding, no new memory.
         The wrapper must not be used afterwards."""
         with torch.no_grad():
             self.weight.copy_(self.weight.float() + self.delta_weight())
         with torch.device("meta"):  # a shell: its own weight is replaced at once
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            linear = Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 

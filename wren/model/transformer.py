@@ -15,6 +15,7 @@ from torch import nn
 
 from wren.model.config import ModelConfig
 from wren.model.kv_cache import KVCache
+from wren.model.linear import Linear
 from wren.model.moe import Experts, MoE, SwiGLU
 from wren.model.rope import RotaryEmbedding, apply_rotary
 
@@ -44,10 +45,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.dim, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, config.dim, bias=config.o_bias)
+        self.q_proj = Linear(config.dim, q_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.dim, kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(q_dim, config.dim, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
@@ -70,11 +71,37 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.cache.update(self.layer, cache.positions, k, v, cache.span, cache.rows)
-        # No mask means a fresh causal sequence: SDPA's is_causal path, the fused kernels' fastest.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if seq == 1 and mask is not None and is_compiling_for_cpu(x):
+            out = one_query_attention(q, k, v, mask)
+        else:
+            # No mask means a fresh causal sequence: SDPA's is_causal path, the fused kernels' fastest.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def is_compiling_for_cpu(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query per row over cached keys, as plain reductions.
+
+    q (batch, heads, 1, dim), k and v (batch, kv_heads, keys, dim), mask (batch, 1, 1, keys).
+    For a decode step compiled on the CPU: inductor fuses these into a few loops that read the
+    cache once (a row gather included), where SDPA's CPU kernel costs a fixed ~0.1 ms per call.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, 1, dim)  # query heads sharing a kv head
+    scores = (grouped * k[:, :, None]).sum(-1, dtype=torch.float32) * dim**-0.5
+    scores = scores.masked_fill(~mask.view(batch, 1, 1, keys), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = (weights[..., None] * v[:, :, None]).sum(-2)
+    return out.view(batch, heads, 1, dim)
 
 
 class CacheWrite(NamedTuple):
@@ -158,7 +185,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
@@ -187,11 +214,14 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
+        cache_span: int | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq). positions (batch, seq) place tokens explicitly (needed with a
         cache). document_ids (batch, seq) mark packed documents that must not see each other; pass
         positions restarting at 0 for each document with them. cache_rows (batch,) picks the cache
-        row each batch row reads and writes (default: rows 0..batch-1)."""
+        row each batch row reads and writes (default: rows 0..batch-1). cache_span fixes how many
+        cache positions attention reads (default: up to the furthest position in `positions`); a
+        fixed span keeps shapes static for compiled and graph-captured decoding."""
         seq = input_ids.shape[1]
         if cache is not None and positions is None:
             raise ValueError("a KV cache needs explicit positions")
@@ -199,7 +229,8 @@ class CausalLM(nn.Module):
             raise ValueError("document_ids are for packed training batches, not for a KV cache")
         cache_write = None
         if cache is not None:
-            cache_write = CacheWrite(cache, positions, int(positions.max()) + 1, cache_rows)
+            span = cache_span if cache_span is not None else int(positions.max()) + 1
+            cache_write = CacheWrite(cache, positions, span, cache_rows)
         mask = attention_mask(
             seq,
             positions,

@@ -1,0 +1,93 @@
+"""The decode step under torch.compile, with the few input shapes that compiling needs.
+
+A decode step is small and repeated thousands of times, so what it costs beyond the arithmetic
+(Python, one kernel launch per operation) dominates. Compiled, the whole step is a handful of
+fused kernels; on CUDA, `mode="reduce-overhead"` also records it as a CUDA graph and replays it
+with one launch.
+
+Both want few distinct shapes, and a running batch has many: any number of active slots, each
+reading the cache up to its own length. So a step is padded to a bucket:
+- the batch to the next power of two (capped at the slot count), the extra rows taken by free
+  slots that decode a dummy token at position 0, which a later occupant overwrites before
+  reading it (the same argument that lets a slot be reused without clearing);
+- the span of cache that attention reads to the next power of two from `MIN_SPAN`, which only
+  adds masked keys.
+The bucket sizes are a handful; dynamo compiles the step once per batch bucket and marks the span
+dynamic after the second length, and CUDA graphs are recorded once per bucket pair.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from wren.model import CausalLM, KVCache
+
+MIN_SPAN = 64
+
+
+def bucket(n: int, lowest: int, highest: int) -> int:
+    """The smallest power of two >= n (and >= lowest), capped at highest."""
+    size = lowest
+    while size < n:
+        size *= 2
+    return min(size, highest)
+
+
+class CompiledDecode:
+    """Decode steps of `model` over `cache`, compiled; called like NativeRunner.decode."""
+
+    def __init__(self, model: CausalLM, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+        self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda:
+            # CUDA graphs replay fixed addresses: the cache is updated in place, never moved.
+            for tensor in [*cache.keys, *cache.values]:
+                torch._dynamo.mark_static_address(tensor)
+        mode = "reduce-overhead" if self.on_cuda else None
+        self._step = torch.compile(self._forward, mode=mode)
+        self.failed = False
+        self._compiled_keys: set[tuple[int, bool, int]] = set()
+
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None, span: int
+    ) -> torch.Tensor:
+        logits = self.model(tokens, positions=positions, cache=self.cache, cache_rows=rows, cache_span=span)
+        return logits.logits[:, -1]
+
+    def __call__(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor | None:
+        """Logits for the slots, or None once compiling has failed (the caller decodes eagerly)."""
+        if self.failed:
+            return None
+        n = len(slots)
+        size = bucket(n, 1, self.cache.batch_size)
+        taken = set(slots)
+        free = (slot for slot in range(self.cache.batch_size) if slot not in taken)
+        padded_slots = slots + [next(free) for _ in range(size - n)]
+        tokens = torch.tensor(ids + [0] * (size - n), device=self.device)[:, None]
+        where = torch.tensor(positions + [0] * (size - n), device=self.device)[:, None]
+        rows = None if padded_slots == list(range(size)) else torch.tensor(padded_slots, device=self.device)
+        span = bucket(max(positions) + 1, MIN_SPAN, self.cache.max_len)
+        if self.on_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        key = (size, rows is None, span)
+        try:
+            if key in self._compiled_keys:
+                # Dynamo checks every guard of a compiled graph before each call (a fraction of a
+                # millisecond for a model's parameters); only the ones telling this step's graphs
+                # apart can fail here, since nothing else about the model changes between steps.
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    logits = self._step(tokens, where, rows, span)
+            else:
+                logits = self._step(tokens, where, rows, span)
+                self._compiled_keys.add(key)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            # Compiling fails before the step runs, so the cache is as it was: decode eagerly.
+            warnings.warn(f"torch.compile failed, decoding without it: {error}", stacklevel=2)
+            self.failed = True
+            return None
+        # A copy: the next replay of a CUDA graph overwrites its output buffer.
+        return logits[:n].clone()
