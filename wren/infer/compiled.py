@@ -50,7 +50,6 @@ class CompiledDecode:
         mode = "reduce-overhead" if self.on_cuda else None
         self._step = torch.compile(self._forward, mode=mode)
         self.failed = False
-        self._compiled_keys: set[tuple[int, bool, int]] = set()
 
     def _forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None, span: int
@@ -73,17 +72,8 @@ class CompiledDecode:
         span = bucket(max(positions) + 1, MIN_SPAN, self.cache.max_len)
         if self.on_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        key = (size, rows is None, span)
         try:
-            if key in self._compiled_keys:
-                # Dynamo checks every guard of a compiled graph before each call (a fraction of a
-                # millisecond for a model's parameters); only the ones telling this step's graphs
-                # apart can fail here, since nothing else about the model changes between steps.
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    logits = self._step(tokens, where, rows, span)
-            else:
-                logits = self._step(tokens, where, rows, span)
-                self._compiled_keys.add(key)
+            logits = self._step(tokens, where, rows, span)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Compiling fails before the step runs, so the cache is as it was: decode eagerly.
             warnings.warn(f"torch.compile failed, decoding without it: {error}", stacklevel=2)

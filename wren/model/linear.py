@@ -26,13 +26,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def is_compiling_for_cpu(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 def is_small_cpu_product(x: torch.Tensor) -> bool:
     """True while compiling a product of a few rows on the CPU (see the module docstring)."""
-    return (
-        torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and x.numel() <= REDUCTION_MAX_ROWS * x.shape[-1]
-    )
+    return is_compiling_for_cpu(x) and x.numel() <= REDUCTION_MAX_ROWS * x.shape[-1]
 
 
 def row_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from wren.model.config import ModelConfig
 from wren.model.kv_cache import KVCache
-from wren.model.linear import Linear
+from wren.model.linear import Linear, is_compiling_for_cpu
 from wren.model.moe import Experts, MoE, SwiGLU
 from wren.model.rope import RotaryEmbedding, apply_rotary
 
@@ -79,10 +79,6 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-
-
-def is_compiling_for_cpu(x: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() and x.device.type == "cpu"
 
 
 def one_query_attention(

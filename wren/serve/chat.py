@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from wren.infer.request import Result
 from wren.infer.thinking import THINK_START, ThinkingStream, split_thinking
-from wren.serve.exchange import ClientGone, EventStream, Exchange
+from wren.serve.exchange import EventStream, Exchange
 from wren.serve.prompts import chat_messages, encode_chat, plan_jobs
 from wren.serve.responses import (
     SSE_DONE,
@@ -49,12 +49,9 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest, reque
     if body.stream:
         events = _chat_events(exchange, envelope, body.n, opened, body.include_usage)
         return EventStream(events, exchange, headers)
-    try:
-        results = await exchange.results(request)
-    except ClientGone:
+    results = await exchange.results(request)
+    if results is None:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed"
-    finally:
-        exchange.close()
     choices = []
     for index, result in enumerate(results):
         reasoning, content = reply_parts(result.text, opened)
@@ -104,12 +101,9 @@ async def simple_reply(state: ServerState, body: SimpleRequest, request: Request
     envelope = Envelope("simple", state.model_name)
     exchange = Exchange(state, envelope.id, request.url.path, 1)
     exchange.start(jobs)
-    try:
-        results = await exchange.results(request)
-    except ClientGone:
+    results = await exchange.results(request)
+    if results is None:
         return Response(status_code=499)
-    finally:
-        exchange.close()
     reasoning, answer = reply_parts(results[0].text, opened)
     payload: dict[str, Any] = {
         "response": answer,

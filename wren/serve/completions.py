@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from wren.infer.request import Result
 from wren.serve.errors import APIError
-from wren.serve.exchange import ClientGone, EventStream, Exchange
+from wren.serve.exchange import EventStream, Exchange
 from wren.serve.prompts import encode_text, plan_jobs
 from wren.serve.responses import SSE_DONE, Envelope, completion_choice, finish_reason, sse, usage_of
 from wren.serve.schemas import CompletionRequest
@@ -34,12 +34,9 @@ async def completion(state: ServerState, body: CompletionRequest, request: Reque
         return EventStream(
             _completion_events(exchange, envelope, echoes, body.include_usage), exchange, headers
         )
-    try:
-        results = await exchange.results(request)
-    except ClientGone:
+    results = await exchange.results(request)
+    if results is None:
         return Response(status_code=499)
-    finally:
-        exchange.close()
     choices = [
         completion_choice(index, echoes[index] + result.text, finish_reason(result))
         for index, result in enumerate(results)

@@ -26,10 +26,6 @@ from wren.serve.state import ServerState
 logger = logging.getLogger("wren.serve")
 
 
-class ClientGone(Exception):
-    """The client disconnected before its response was ready."""
-
-
 class Exchange:
     """A generation and the bookkeeping around it: open with `start`, always `close` once."""
 
@@ -59,24 +55,25 @@ class Exchange:
             ) from exc
         return self.generation
 
-    async def results(self, request: Request) -> list[Result]:
-        """Every choice's result. Raises ClientGone if the client leaves first; a 400 when the
-        engine refused a job, a 500 when it failed."""
+    async def results(self, request: Request) -> list[Result] | None:
+        """Every choice's result, then `close`. None if the client left first (nobody reads the
+        answer then); a 400 when the engine refused a job, a 500 when it failed."""
         assert self.generation is not None
         waiting = asyncio.ensure_future(self.generation.wait())
         leaving = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({waiting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+            if waiting not in done:
+                return None
+            try:
+                return waiting.result()
+            except (WrenError, EngineFailed) as exc:
+                self.error = str(exc)
+                raise APIError(400 if isinstance(exc, WrenError) else 500, str(exc)) from exc
         finally:
             waiting.cancel()
             leaving.cancel()
-        if waiting not in done:
-            raise ClientGone
-        try:
-            return waiting.result()
-        except (WrenError, EngineFailed) as exc:
-            self.error = str(exc)
-            raise APIError(400 if isinstance(exc, WrenError) else 500, str(exc)) from exc
+            self.close()
 
     def stream_error(self, exc: BaseException) -> str:
         """The SSE event reporting an error after the stream began."""
