@@ -202,6 +202,12 @@ def test_chat_messages_and_penalties(setup):
     mixed = engine.generate(["the cat sat", "the cat sat"], [penalised, GREEDY])
     assert mixed[1].token_ids == alone(model, tokenizer, "the cat sat")
     assert mixed[0].token_ids != mixed[1].token_ids
+    # Unpenalised requests skip the penalty bookkeeping: a penalised one that inherits their slot
+    # (one slot here, so every request does) still counts from zero.
+    single = Engine(model, tokenizer, max_batch_size=1)
+    for params in (penalised, GREEDY, SamplingParams(temperature=0.8, seed=1, max_new_tokens=24), penalised):
+        result = single.generate(["the dog ran"], params)[0]
+    assert result.token_ids == Engine(model, tokenizer).generate(["the dog ran"], penalised)[0].token_ids
 
 
 def test_chinese_stream_has_no_replacement_characters(setup):

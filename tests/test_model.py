@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from wren.model import PRESETS, CausalLM, KVCache, ModelConfig, preset_config
+from wren.model.config import RopeScaling
 from wren.model.moe import MoE
+from wren.model.rope import RotaryEmbedding
 
 EXPECTED_PARAMS = {"micro": 1.0e6, "small": 26e6, "base": 104e6, "moe": 145e6}
 
@@ -106,6 +108,40 @@ def test_a_cache_needs_positions():
     config = tiny()
     with pytest.raises(ValueError, match="positions"):
         CausalLM(config)(torch.zeros(1, 3, dtype=torch.long), cache=KVCache(config, 1, 8))
+
+
+def test_logits_to_keep_limits_the_output_to_the_last_positions():
+    model = build(tiny())
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        none = model(ids, logits_to_keep=0).logits
+    assert (last - full[:, -1:]).abs().max() < 1e-5  # a different BLAS kernel for fewer rows
+    assert none.shape == (2, 0, 97)
+    with pytest.raises(ValueError, match=r"logits_to_keep must be in \[0, 10\]"):
+        model(ids, logits_to_keep=11)
+
+
+@pytest.mark.parametrize("scaling", [None, RopeScaling("yarn", 4.0)])
+def test_compiled_code_reads_the_rotary_table_with_the_computed_angles(scaling):
+    rotary = RotaryEmbedding(tiny(rope_scaling=scaling, max_seq_len=256))
+    positions = torch.tensor([[0, 5, 63], [200, 7, 255]])
+    computed = rotary(positions, torch.float32)
+    rotary.build_table(256)
+    assert rotary.cos_table.shape == (256, 16)
+    read = torch.compile(rotary)(positions, torch.float32)  # only compiled code reads the table
+    for a, b in zip(computed, read, strict=True):
+        assert (a - b).abs().max() < 1e-5
+    table = rotary.cos_table
+    rotary.build_table(128)  # a table long enough is kept, so compiled code need not recompile
+    assert rotary.cos_table is table
+
+
+def test_dynamic_rotary_scaling_builds_no_table():
+    rotary = RotaryEmbedding(tiny(rope_scaling=RopeScaling("dynamic", 2.0)))
+    rotary.build_table(64)
+    assert rotary.cos_table is None
 
 
 def _reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,9 @@ class CompiledDecode:
             # CUDA graphs replay fixed addresses: the cache is updated in place, never moved.
             for tensor in [*cache.keys, *cache.values]:
                 torch._dynamo.mark_static_address(tensor)
+        else:
+            # One table lookup per step instead of sines and cosines per cached key (wren.model.rope).
+            model.model.rotary_emb.build_table(cache.max_len)
         mode = "reduce-overhead" if self.on_cuda else None
         self._step = torch.compile(self._forward, mode=mode)
         self.failed = False
@@ -79,5 +82,5 @@ class CompiledDecode:
             warnings.warn(f"torch.compile failed, decoding without it: {error}", stacklevel=2)
             self.failed = True
             return None
-        # A copy: the next replay of a CUDA graph overwrites its output buffer.
-        return logits[:n].clone()
+        # On CUDA a copy: the next replay of a CUDA graph overwrites its output buffer.
+        return logits[:n].clone() if self.on_cuda else logits[:n]

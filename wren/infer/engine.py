@@ -173,9 +173,10 @@ class Engine:
                 request = self.waiting.popleft()
                 request.slot = slot
                 self.slots[slot] = request
-                self.output_counts[slot].zero_()
-                self.prompt_mask[slot].zero_()
-                self.prompt_mask[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+                if request.params.penalised:
+                    self.output_counts[slot].zero_()
+                    self.prompt_mask[slot].zero_()
+                    self.prompt_mask[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
                 admitted.append(request)
         if admitted:
             # The last prompt token goes through the decode step with everyone else, so that
@@ -186,10 +187,11 @@ class Engine:
         slots = [r.slot for r in active]
         logits = self.runner.decode(slots, [r.next_input for r in active], [r.next_position for r in active])
         params = [r.params for r in active]
-        penalised = any(
-            p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            for p in params
-        )
+        penalised = any(p.penalised for p in params)
+        if not penalised and all(p.greedy for p in params):
+            # Nothing to warp or draw, and no counts anyone reads: on a CPU, where the step has
+            # just streamed every weight through the caches, each Python operation saved shows.
+            return logits.argmax(-1).cpu()
         index = torch.tensor(slots, device=self.device)
         tokens = sample(
             logits,
@@ -198,7 +200,8 @@ class Engine:
             self.prompt_mask[index] if penalised else None,
             [r.generator for r in active],
         )
-        update_counts(self.output_counts, index, tokens)
+        if penalised:  # counts are read only by penalised rows, and only while one is active
+            update_counts(self.output_counts, index, tokens)
         return tokens.cpu()
 
 

@@ -35,7 +35,7 @@ def generate_ids(
     positions = torch.arange(len(prompt_ids), device=device)[None]
     out: list[int] = []
     while True:
-        logits = model(ids, positions=positions, cache=cache).logits[0, -1].float()
+        logits = model(ids, positions=positions, cache=cache, logits_to_keep=1).logits[0, -1].float()
         if temperature <= 0:
             token = int(logits.argmax())
         else:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from wren.infer.weight_arena import pack_weights
 from wren.model import CausalLM, KVCache
 
 
@@ -49,6 +50,8 @@ class NativeRunner:
         self.model = model.eval()
         param = next(model.parameters())
         self.device = param.device
+        if self.device.type == "cpu":
+            pack_weights(model)  # decoding streams every weight per token: make the stream fast
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.prefill_chunk = prefill_chunk
@@ -80,6 +83,7 @@ class NativeRunner:
                 positions=positions,
                 cache=self.cache,
                 cache_rows=torch.tensor([slot for slot, _ in pieces], device=self.device),
+                logits_to_keep=0,
             )
 
     def decode(self, slots: list[int], ids: list[int], positions: list[int]) -> torch.Tensor:

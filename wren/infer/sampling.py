@@ -63,6 +63,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
         """Parameters from a JSON-like mapping that may use OpenAI / vLLM names.
@@ -202,11 +206,7 @@ def apply_penalties(
     repetition_penalty (Hugging Face and vLLM agree on this). Then, from output tokens only,
     frequency_penalty * count + presence_penalty * (count > 0) is subtracted.
     """
-    rows = [
-        i
-        for i, p in enumerate(params)
-        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-    ]
+    rows = [i for i, p in enumerate(params) if p.penalised]
     if not rows:
         return logits
     if output_counts is None:

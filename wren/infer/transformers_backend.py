@@ -11,6 +11,7 @@ engine uses. transformers (extra `hf`) is imported only here and in `transformer
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ class TransformersRunner:
         self.prefill_chunk = prefill_chunk
         self.caches: list[Any] = [None] * max_batch_size  # prefilled, not yet in the batch
         self.batch = SlotBatch() if can_batch(model) else None
+        # Only the last position's logits are used; most transformers models can skip the rest
+        # (remote code may not take the argument).
+        keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if keeps else {}
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
         from transformers import DynamicCache
@@ -67,6 +72,7 @@ class TransformersRunner:
             input_ids=torch.tensor([ids], device=self.device),
             past_key_values=self.caches[slot],
             use_cache=True,
+            **self._last_only,
         )
         return out.logits.float()
 

@@ -3,7 +3,9 @@
 Frequencies follow the published formulas so that a checkpoint configured for linear, dynamic-NTK,
 YaRN or Llama-3 scaling produces the same angles here as in Hugging Face transformers. Angles are
 computed from explicit positions on every forward pass rather than read from a table: it costs a
-few hundred multiplies per token and puts no limit on how far positions may go.
+few hundred multiplies per token and puts no limit on how far positions may go. The exception is a
+compiled CPU decode step, which reads a table (`build_table`): inductor fuses the rotation of the
+query into the attention-score loop and would recompute its sines and cosines once per cached key.
 """
 
 from __future__ import annotations
@@ -85,6 +87,20 @@ class RotaryEmbedding(torch.nn.Module):
         self.kind = kind
         # Not saved in checkpoints: it is a pure function of the config.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_table", None, persistent=False)
+        self.register_buffer("sin_table", None, persistent=False)
+
+    def build_table(self, length: int) -> None:
+        """Precompute cos and sin for positions [0, length), which compiled code then reads (see
+        the module docstring). Not for dynamic scaling, whose angles depend on the longest
+        position seen."""
+        if self.kind == "dynamic":
+            return
+        if self.cos_table is not None and len(self.cos_table) >= length:
+            return  # kept: compiled code already reading it would otherwise recompile
+        positions = torch.arange(length, device=self.inv_freq.device)[None]
+        cos, sin = self.forward(positions, torch.float32)
+        self.cos_table, self.sin_table = cos[0, 0], sin[0, 0]
 
     def _dynamic_inverse_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
         # Dynamic NTK: once a sequence runs past the trained length, raise the base so the lowest
@@ -100,6 +116,9 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (batch, seq) integer tensor. Returns cos, sin of shape (batch, 1, seq, head_dim)."""
+        if self.cos_table is not None and positions.is_cpu and torch.compiler.is_compiling():
+            cos, sin = self.cos_table[positions][:, None], self.sin_table[positions][:, None]
+            return cos.to(dtype), sin.to(dtype)
         inv_freq = self._dynamic_inverse_frequencies(positions) if self.kind == "dynamic" else self.inv_freq
         angles = positions[..., None].float() * inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)[:, None]

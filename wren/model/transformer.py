@@ -211,18 +211,23 @@ class CausalLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
         cache_span: int | None = None,
+        logits_to_keep: int | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq). positions (batch, seq) place tokens explicitly (needed with a
         cache). document_ids (batch, seq) mark packed documents that must not see each other; pass
         positions restarting at 0 for each document with them. cache_rows (batch,) picks the cache
         row each batch row reads and writes (default: rows 0..batch-1). cache_span fixes how many
         cache positions attention reads (default: up to the furthest position in `positions`); a
-        fixed span keeps shapes static for compiled and graph-captured decoding."""
+        fixed span keeps shapes static for compiled and graph-captured decoding. logits_to_keep
+        limits the logits to the last N positions: 1 when only the next token matters, 0 for a pass
+        that only fills the cache (the output layer is a large share of a small model's work)."""
         seq = input_ids.shape[1]
         if cache is not None and positions is None:
             raise ValueError("a KV cache needs explicit positions")
         if cache is not None and document_ids is not None:
             raise ValueError("document_ids are for packed training batches, not for a KV cache")
+        if logits_to_keep is not None and not 0 <= logits_to_keep <= seq:
+            raise ValueError(f"logits_to_keep must be in [0, {seq}], got {logits_to_keep}")
         cache_write = None
         if cache is not None:
             span = cache_span if cache_span is not None else int(positions.max()) + 1
@@ -245,6 +250,8 @@ class CausalLM(nn.Module):
             x, aux_loss = layer(x, rotary, mask, cache_write)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
+        if logits_to_keep is not None:
+            x = x[:, seq - logits_to_keep :]
         logits = self.lm_head(self.model.norm(x))
         aux = torch.stack(aux_losses).mean() if aux_losses else logits.new_zeros(())
         return ModelOutput(logits, aux)

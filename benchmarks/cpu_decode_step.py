@@ -1,0 +1,146 @@
+"""One compiled CPU decode step, small preset: how close it comes to the memory bandwidth, and
+what the weight layout and the rotary table each contribute. Prints a Markdown table.
+
+    python benchmarks/cpu_decode_step.py                   # f32; contexts of 64 and 512 tokens
+    python benchmarks/cpu_decode_step.py --quantize int8
+
+A decode step of one stream reads every weight once, so its floor is the weights' bytes over the
+memory bandwidth, measured here as the time to sum a tensor of that many bytes. Variants, each a
+copy of the same randomly initialised model with its own cache and compiled step:
+- "as loaded": each weight its own allocation, rotary angles computed inside the step;
+- "packed": the weights in one huge-page block (wren.infer.weight_arena);
+- "packed + rotary table": also reading the angles from a table (wren.model.rope), the default.
+With llama-cpp-python installed, llama.cpp's step on the same weights (GGUF f32 or q8_0, same
+context) is timed too. Variants are interleaved and medians reported, since the machine may be
+shared and its bandwidth drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wren.infer.compiled import CompiledDecode
+from wren.infer.weight_arena import pack_weights
+from wren.model import CausalLM, KVCache, preset_config
+from wren.model.quant import quantize_int8, weight_bytes
+
+
+def compiled_step(
+    model: CausalLM, packed: bool, table: bool, max_len: int, quantize: str | None
+) -> CompiledDecode:
+    model = copy.deepcopy(model)
+    if quantize:
+        quantize_int8(model)
+    if packed:
+        pack_weights(model)
+    step = CompiledDecode(model, KVCache(model.config, 1, max_len))
+    if not table:
+        model.model.rotary_emb.cos_table = model.model.rotary_emb.sin_table = None
+    return step
+
+
+def llama_cpp_step(model: CausalLM, file_type: str, max_len: int):
+    """(seek, step) for llama.cpp: seek(n) leaves n tokens in its cache, step(p) feeds one token at
+    position p; None without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode import demo_tokenizer
+
+    from wren.checkpoint import save_checkpoint
+    from wren.interop.gguf import export_gguf
+
+    scratch = Path(tempfile.mkdtemp())
+    save_checkpoint(model, scratch / "model", demo_tokenizer(model.config.vocab_size))
+    path = export_gguf(scratch / "model", scratch / f"model-{file_type}.gguf", file_type).path
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=2 * max_len,  # llama.cpp may round the context down
+        n_threads=torch.get_num_threads(),
+        n_threads_batch=torch.get_num_threads(),
+        verbose=False,
+    )
+
+    def seek(context: int) -> None:
+        # eval drops the cache from n_tokens on, and positions must follow on from the cache.
+        llm.n_tokens = min(llm.n_tokens, context)
+        if llm.n_tokens < context:
+            llm.eval([5] * (context - llm.n_tokens))
+
+    def step(position: int) -> None:
+        llm.n_tokens = position
+        llm.eval([7])
+
+    return seek, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--quantize", choices=["int8"])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--steps", type=int, default=16, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+
+    torch._dynamo.config.cache_size_limit = 64  # three compiled variants share one function
+    torch.manual_seed(0)
+    model = CausalLM(preset_config(args.preset)).eval()
+    max_len = max(args.contexts) + args.steps + 1
+    variants = {
+        "as loaded": compiled_step(model, False, False, max_len, args.quantize),
+        "packed": compiled_step(model, True, False, max_len, args.quantize),
+        "packed + rotary table": compiled_step(model, True, True, max_len, args.quantize),
+    }
+    steps = {name: (lambda p, d=d: d([0], [5], [p])) for name, d in variants.items()}
+    seeks = {name: lambda context: None for name in variants}  # the cache holds every position
+    llama = llama_cpp_step(model, "q8_0" if args.quantize else "f32", max_len)
+    if llama is not None:
+        seeks["llama.cpp (same weights, GGUF)"], steps["llama.cpp (same weights, GGUF)"] = llama
+    nbytes = weight_bytes(variants["as loaded"].model)
+    stream = torch.zeros(nbytes // 4)
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for step in steps.values():  # compile, and fill every position of the caches
+            for position in range(max_len - 1):
+                step(position)
+        for _ in range(args.rounds):
+            for context in args.contexts:
+                for name, step in steps.items():
+                    seeks[name](context)
+                    start = time.perf_counter()
+                    for position in range(context, context + args.steps):
+                        step(position)
+                    times.setdefault((name, context), []).append((time.perf_counter() - start) / args.steps)
+            start = time.perf_counter()
+            stream.sum()
+            times.setdefault(("floor", 0), []).append(time.perf_counter() - start)
+
+    floor = statistics.median(times.pop(("floor", 0)))
+    weights = args.quantize or "f32"
+    print(
+        f"# one decode step, {args.preset} preset, {weights} weights ({nbytes / 1e6:.1f} MB), CPU, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} rounds of {args.steps} steps"
+    )
+    bandwidth = nbytes / floor / 1e9
+    print(f"# memory floor (summing {nbytes / 1e6:.1f} MB): {floor * 1e3:.2f} ms, {bandwidth:.1f} GB/s")
+    print("\n| step | context | ms per step | x floor |")
+    print("|---|---:|---:|---:|")
+    for (name, context), values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {context} | {median * 1e3:.2f} | {median / floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
