@@ -11,21 +11,26 @@ copy of the same randomly initialised model with its own cache and compiled step
 - "packed": the weights in one huge-page block (wren.infer.weight_arena);
 - "packed + rotary table": also reading the angles from a table (wren.model.rope), the default.
 With llama-cpp-python installed, llama.cpp's step on the same weights (GGUF f32 or q8_0, same
-context) is timed too. Variants are interleaved and medians reported, since the machine may be
-shared and its bandwidth drifts.
+context) is timed too. A second table times one prefill of `--prefill` prompt tokens, as the
+engine runs it (eager, filling the cache, no logits), and llama.cpp's. Variants are interleaved
+and medians reported, since the machine may be shared and its bandwidth drifts.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from decode import demo_tokenizer
+from llamacpp import gguf_llama
 
+from wren.checkpoint import save_checkpoint
 from wren.infer.compiled import CompiledDecode
 from wren.infer.weight_arena import pack_weights
 from wren.model import CausalLM, KVCache, preset_config
@@ -49,28 +54,12 @@ def compiled_step(
 def llama_cpp_step(model: CausalLM, file_type: str, max_len: int):
     """(seek, step) for llama.cpp: seek(n) leaves n tokens in its cache, step(p) feeds one token at
     position p; None without llama-cpp-python."""
-    try:
-        import llama_cpp
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from decode import demo_tokenizer
-
-    from wren.checkpoint import save_checkpoint
-    from wren.interop.gguf import export_gguf
-
     scratch = Path(tempfile.mkdtemp())
     save_checkpoint(model, scratch / "model", demo_tokenizer(model.config.vocab_size))
-    path = export_gguf(scratch / "model", scratch / f"model-{file_type}.gguf", file_type).path
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=2 * max_len,  # llama.cpp may round the context down
-        n_threads=torch.get_num_threads(),
-        n_threads_batch=torch.get_num_threads(),
-        verbose=False,
-    )
+    # Twice the context: llama.cpp may round it down.
+    llm = gguf_llama(scratch / "model", file_type, torch.get_num_threads(), n_ctx=2 * max_len)
 
     def seek(context: int) -> None:
         # eval drops the cache from n_tokens on, and positions must follow on from the cache.
@@ -92,6 +81,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--steps", type=int, default=16, help="steps per timed block")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--prefill", type=int, default=31, help="prompt tokens of the timed prefill")
     args = parser.parse_args()
 
     torch._dynamo.config.cache_size_limit = 64  # three compiled variants share one function
@@ -108,6 +98,16 @@ def main() -> None:
     llama = llama_cpp_step(model, "q8_0" if args.quantize else "f32", max_len)
     if llama is not None:
         seeks["llama.cpp (same weights, GGUF)"], steps["llama.cpp (same weights, GGUF)"] = llama
+    # Prefill as the engine runs it (eager, filling the cache, no logits), and llama.cpp's.
+    prompt = torch.full((1, args.prefill), 5)
+    wren_now = variants["packed + rotary table"]
+    prefills = {
+        "Wren (packed)": lambda: wren_now.model(
+            prompt, positions=torch.arange(args.prefill)[None], cache=wren_now.cache, logits_to_keep=0
+        )
+    }
+    if llama is not None:
+        prefills["llama.cpp"] = lambda: (llama[0](0), llama[0](args.prefill))
     nbytes = weight_bytes(variants["as loaded"].model)
     stream = torch.zeros(nbytes // 4)
     times: dict[tuple[str, int], list[float]] = {}
@@ -123,6 +123,10 @@ def main() -> None:
                     for position in range(context, context + args.steps):
                         step(position)
                     times.setdefault((name, context), []).append((time.perf_counter() - start) / args.steps)
+            for name, prefill in prefills.items():
+                start = time.perf_counter()
+                prefill()
+                times.setdefault((f"prefill: {name}", args.prefill), []).append(time.perf_counter() - start)
             start = time.perf_counter()
             stream.sum()
             times.setdefault(("floor", 0), []).append(time.perf_counter() - start)
@@ -139,7 +143,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for (name, context), values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {context} | {median * 1e3:.2f} | {median / floor:.2f} |")
+        if not name.startswith("prefill"):
+            print(f"| {name} | {context} | {median * 1e3:.2f} | {median / floor:.2f} |")
+    print("\n| prefill | prompt tokens | ms |")
+    print("|---|---:|---:|")
+    for (name, length), values in times.items():
+        if name.startswith("prefill"):
+            print(f"| {name.removeprefix('prefill: ')} | {length} | {statistics.median(values) * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ from wren.model import CausalLM, preset_config
 from wren.model.quant import quantize_int8
 
 
+def gguf_llama(checkpoint: Path, file_type: str, threads: int, n_ctx: int):
+    """llama-cpp-python's Llama over `checkpoint` exported with `wren export gguf` beside it."""
+    import llama_cpp
+
+    path = export_gguf(checkpoint, checkpoint.parent / f"model-{file_type}.gguf", file_type).path
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+
+
 def llama_cpp_run(llm, prompt: list[int], new_tokens: int) -> tuple[int, float]:
     llm.reset()  # no prompt reuse from the previous run
     start = time.perf_counter()
@@ -51,8 +61,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
 
-    import llama_cpp
-
     torch.set_num_threads(args.threads)
     tokenizer = demo_tokenizer(6400)
     torch.manual_seed(0)
@@ -71,14 +79,7 @@ def main() -> None:
             engine = Engine(network, tokenizer, max_batch_size=1, compile=compile)
             runners[label, weights] = lambda engine=engine: run(engine, 1, prompt, args.new_tokens)
     for file_type in ("f32", "q8_0"):
-        path = export_gguf(scratch / "model", scratch / f"model-{file_type}.gguf", file_type).path
-        llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=256,
-            n_threads=args.threads,
-            n_threads_batch=args.threads,
-            verbose=False,
-        )
+        llm = gguf_llama(scratch / "model", file_type, args.threads, n_ctx=256)
         runners["llama.cpp (llama-cpp-python)", file_type] = lambda llm=llm: llama_cpp_run(
             llm, prompt, args.new_tokens
         )

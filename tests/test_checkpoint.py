@@ -125,6 +125,7 @@ def _hf_tiny(model_type: str):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     if model_type == "llama":
         cfg = transformers.LlamaConfig(**common, rope_theta=500000.0)
         cls = transformers.LlamaForCausalLM
@@ -139,23 +140,12 @@ def _hf_tiny(model_type: str):
         cls = transformers.Qwen3ForCausalLM
     elif model_type == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(
-            **common,
-            head_dim=16,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            norm_topk_prob=True,
-            tie_word_embeddings=True,
+            **common, **experts, head_dim=16, norm_topk_prob=True, tie_word_embeddings=True
         )
         cls = transformers.Qwen3MoeForCausalLM
     else:
         cfg = transformers.Qwen2MoeConfig(
-            **common,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            norm_topk_prob=False,
+            **common, **experts, shared_expert_intermediate_size=48, norm_topk_prob=False
         )
         cls = transformers.Qwen2MoeForCausalLM
     torch.manual_seed(0)

@@ -188,11 +188,7 @@ class Engine:
         logits = self.runner.decode(slots, [r.next_input for r in active], [r.next_position for r in active])
         params = [r.params for r in active]
         penalised = any(p.penalised for p in params)
-        if not penalised and all(p.greedy for p in params):
-            # Nothing to warp or draw, and no counts anyone reads: on a CPU, where the step has
-            # just streamed every weight through the caches, each Python operation saved shows.
-            return logits.argmax(-1).cpu()
-        index = torch.tensor(slots, device=self.device)
+        index = torch.tensor(slots, device=self.device) if penalised else None
         tokens = sample(
             logits,
             params,

@@ -378,6 +378,10 @@ def sample(
         generators = [None] * len(params)
     elif len(generators) != len(params):
         raise ValueError(f"expected {len(params)} generators, got {len(generators)}")
+    if all(p.greedy and not p.penalised for p in params):
+        # Nothing to penalise, warp or draw. The common case, and on a CPU, where the decode step
+        # has just streamed every weight through the caches, each Python operation saved shows.
+        return logits.argmax(-1)
     logits = apply_penalties(logits.float(), params, output_counts, prompt_mask)
     tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]

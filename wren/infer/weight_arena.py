@@ -35,24 +35,25 @@ def pack_weights(model: nn.Module) -> bool:
 
     Values, sharing (tied weights) and shapes are unchanged; only where the bytes live changes.
     Returns False, changing nothing, where huge pages cannot be requested or the model is not on
-    the CPU. For inference: training afterwards works, but gains nothing from it.
+    the CPU, or already packed (its tensors are views of one block, which `_packable` leaves
+    alone): a second engine over the same model copies nothing. For inference: training
+    afterwards works, but gains nothing from it.
     """
     tensors = _packable(model)
     if not tensors or not huge_pages_supported():
         return False
-    offsets, total = [], 0
-    for tensor in tensors:
-        offsets.append(total)
-        total += -(-tensor.untyped_storage().nbytes() // _ALIGN) * _ALIGN
+    sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + -(-size // _ALIGN) * _ALIGN)
     # Private, not shared: transparent huge pages apply to private anonymous memory.
-    block = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block = mmap.mmap(-1, offsets[-1] + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     block.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(block, dtype=torch.uint8)  # keeps `block` alive as long as any view
     start = -raw.data_ptr() % HUGE_PAGE  # huge pages cover only 2 MiB-aligned ranges
     with torch.no_grad():
-        for tensor, offset in zip(tensors, offsets, strict=True):
-            nbytes = tensor.numel() * tensor.element_size()
-            place = raw[start + offset : start + offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        for tensor, offset, size in zip(tensors, offsets, sizes, strict=False):
+            place = raw[start + offset : start + offset + size].view(tensor.dtype).view(tensor.shape)
             place.copy_(tensor)
             tensor.data = place
     return True
