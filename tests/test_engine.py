@@ -13,6 +13,7 @@ from wren.infer.generate import generate_ids
 from wren.infer.sampling import SamplingParams
 from wren.infer.text import REPLACEMENT_CHAR
 from wren.model import CausalLM, preset_config
+from wren.model.quant import quantize_int8
 from wren.tokenizer import train_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
@@ -281,3 +282,34 @@ def test_compiled_decode_gives_the_eager_tokens(setup):
         return [r.result.token_ids for r in requests]
 
     assert run(compile=True) == run(compile=False)
+
+
+def test_compiled_engines_of_two_models_in_one_process_each_run_their_own_graph(setup):
+    """Compiled decode skips dynamo's guards for buckets it has run before. Two engines share the
+    compiled function; with a float and an int8 model stepping in turn, each must still run the
+    graph compiled for its own model: the tokens are those each gives on its own."""
+    model, tokenizer = setup
+    int8_model = copy.deepcopy(model)
+    quantize_int8(int8_model)
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+
+    def start(network: CausalLM) -> tuple[Engine, list]:
+        engine = Engine(network, tokenizer, max_batch_size=2, compile=True)
+        return engine, [engine.submit(prompt, params) for prompt in PROMPTS[:2]]
+
+    alone = []
+    for network in (model, int8_model):
+        torch._dynamo.reset()
+        engine, requests = start(network)
+        while engine.has_work:
+            engine.step()
+        alone.append([r.result.token_ids for r in requests])
+
+    torch._dynamo.reset()
+    started = [start(model), start(int8_model)]
+    while any(engine.has_work for engine, _ in started):
+        for engine, _ in started:
+            engine.step()
+    for (engine, requests), expected in zip(started, alone, strict=True):
+        assert not engine.runner.compiled.failed
+        assert [r.result.token_ids for r in requests] == expected
