@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 
 import torch
@@ -108,10 +109,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         r = measure(preset, args)
+        # MFU and GPU memory mean nothing on the CPU (NaN there): a dash.
+        mfu = "—" if math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"
+        memory = "—" if math.isnan(r["memory_gb"]) else f"{r['memory_gb']:.1f}"
         print(
             f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} "
-            f"| {r['ms_per_step']:.1f} "
-            f"| {r['mfu']:.1%} | {r['memory_gb']:.1f} |",
+            f"| {r['ms_per_step']:.1f} | {mfu} | {memory} |",
             flush=True,
         )
 

@@ -25,6 +25,21 @@ def set_flags(settings: dict[str, Any]) -> list[str]:
 TINY_MODEL_FLAGS = set_flags(TINY_MODEL_SETTINGS)
 
 
+def stderr_tail(result: subprocess.CompletedProcess, chars: int = 3000) -> str:
+    """The end of a process's stderr for an assertion message, without warnings (each a
+    "...Warning: ..." line and the source line after it), which can fill it and hide the error."""
+    kept, skip_next = [], False
+    for line in result.stderr.splitlines():
+        if "Warning: " in line:
+            skip_next = True
+        elif skip_next and line.startswith("  "):
+            skip_next = False
+        else:
+            kept.append(line)
+            skip_next = False
+    return "\n".join(kept)[-chars:]
+
+
 def wren(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
     """`python -m wren ARGS` in a new process, its output captured as text."""
     return subprocess.run(

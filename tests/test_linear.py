@@ -1,4 +1,4 @@
-"""wren.model.linear: float32 CPU products that need no gradient go through oneDNN."""
+"""wren.model.linear: float32 CPU products go through oneDNN, with a backward for training."""
 
 import pytest
 import torch
@@ -25,17 +25,37 @@ def test_inference_products_are_onednns_and_match_f_linear(shape, bias):
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_training_keeps_f_linear_and_its_gradients():
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_products_are_onednns_with_f_linears_gradients(bias):
     torch.manual_seed(0)
-    layer = Linear(32, 16)
-    x = torch.randn(4, 32, requires_grad=True)
-    layer(x).square().sum().backward()
-    reference = Linear(32, 16)
+    layer = Linear(64, 48, bias=bias)
+    reference = Linear(64, 48, bias=bias)
     reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 7, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    assert "OneDNNLinear" in type(out.grad_fn.next_functions[0][0]).__name__  # view of our op
+    out.square().sum().backward()
     F.linear(x_ref, reference.weight, reference.bias).square().sum().backward()
-    assert torch.equal(layer.weight.grad, reference.weight.grad)
-    assert torch.equal(x.grad, x_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(layer.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_frozen_weight_gets_no_gradient_and_the_input_does():
+    layer = Linear(16, 8).requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(4, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_keeps_f_linear():
+    layer = Linear(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 16)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SHARED_DATA, wren
+from helpers import SHARED_DATA, stderr_tail, wren
 
 from wren.checkpoint import load_model
 
@@ -20,7 +20,7 @@ def quickstart(*args: object) -> subprocess.CompletedProcess:
 def test_quickstart_trains_a_chat_model_and_says_how_to_use_it(tmp_path):
     out = tmp_path / "qs"
     result = quickstart("--out", out, "--pretrain-steps", "12", "--sft-steps", "6")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     text = result.stdout + result.stderr
     for stage in ("1/5 data", "2/5 tokenizer", "3/5 pretraining", "4/5 supervised fine-tuning", "5/5 sample"):
         assert stage in text
@@ -38,11 +38,11 @@ def test_quickstart_trains_a_chat_model_and_says_how_to_use_it(tmp_path):
     pasted = subprocess.run(
         command.replace("python", sys.executable, 1), shell=True, capture_output=True, text=True, timeout=300
     )
-    assert pasted.returncode == 0, pasted.stderr[-2000:]
+    assert pasted.returncode == 0, stderr_tail(pasted)
 
     # Running it again replaces the earlier runs instead of refusing their checkpoints.
     again = quickstart("--out", out, "--pretrain-steps", "2", "--sft-steps", "2")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, stderr_tail(again)
     assert "steps 0->2" in again.stdout
 
 
@@ -59,7 +59,7 @@ def test_quickstart_on_real_data(tmp_path):
     result = quickstart(
         "--out", tmp_path / "qs", "--data", SHARED_DEMO, "--pretrain-steps", "3", "--sft-steps", "2"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert "pretrain_demo.jsonl" in result.stdout and "sft_demo.jsonl" in result.stdout
     assert "ignoring" in result.stdout  # the DPO and evaluation files are not training text here
     assert load_model(tmp_path / "qs" / "sft" / "final").config.vocab_size == 6400

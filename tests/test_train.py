@@ -13,6 +13,7 @@ from helpers import (
     kill_after_step,
     losses,
     metric_rows,
+    stderr_tail,
     wren,
     wren_on_two_processes,
 )
@@ -143,7 +144,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
     assert result.returncode == 0, result.stderr
     ddp = tmp_path / "ddp"
     result = wren_on_two_processes(*pretrain_args(corpus, ddp, *common, "--batch-size", "4"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     one, two = losses(single), losses(ddp)
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL_FLAGS, losses, metric, set_flags, wren, wren_on_two_processes
+from helpers import TINY_MODEL_FLAGS, losses, metric, set_flags, stderr_tail, wren, wren_on_two_processes
 
 from wren.checkpoint import load_model
 from wren.data.demo import demo_texts
@@ -48,13 +48,13 @@ def pretrain_args(corpus: Path, out: Path, *extra) -> list:
 
 def one_process(*args) -> subprocess.CompletedProcess:
     result = wren(*args, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     return result
 
 
 def two_processes(*args) -> subprocess.CompletedProcess:
     result = wren_on_two_processes(*args, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     return result
 
 
@@ -98,12 +98,13 @@ def test_fsdp_checkpoint_is_the_ordinary_format_with_the_same_weights(runs):
     assert fsdp.config == single.config and fsdp.config.tie_embeddings
     assert fsdp.lm_head.weight is fsdp.model.embed_tokens.weight
     expected = single.state_dict()
-    # Summation order differs (one batch of 8 against 2 ranks x 2 micro-batches): nearly every
-    # weight agrees within 1e-6, but Adam normalises each gradient element, so the few elements
-    # whose gradient is ~0 (dead SwiGLU units) can end up ~1e-5 apart after six steps.
+    # Summation order differs (one batch of 8 against 2 ranks x 2 micro-batches, and the matrix
+    # products block by row count): nearly every weight agrees within 1e-6, but Adam normalises
+    # each gradient element, so the few elements whose gradient is ~0 (dead SwiGLU units) can end
+    # up a few 1e-5 apart after six steps (one of 12,288 in a gate projection, 1.8e-5, in our runs).
     for name, tensor in fsdp.state_dict().items():
         assert tensor.dtype == torch.float32
-        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(tensor, expected[name], atol=5e-5, rtol=1e-4, msg=name)
     # The optimizer state is saved as Optimizer.state_dict() numbers it, as an unsharded run saves it.
     one, two = (
         torch.load(run / "final" / "trainer_state" / "optimizer.pt", weights_only=True)

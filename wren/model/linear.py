@@ -4,9 +4,10 @@ compiled decoding.
 Float32 products on the CPU go to MKL's sgemm by default. On the AMD CPU we measured, MKL takes a
 generic path, and oneDNN (in PyTorch's x86 builds too) runs the small preset's layers 1.4-2.2x
 faster from 1 row to 256 (benchmarks/cpu_linear.py; only the narrowest, 128 x 512, loses ~20% at a
-few rows, to a fixed cost per call). So products that need no gradient go to oneDNN's linear
-when it is there. Training keeps F.linear, whose backward oneDNN's op does not provide, and so
-does compiled code, where inductor takes the op only with the weights frozen into the graph.
+few rows, to a fixed cost per call), and training's forward and backward together 1.5-2.2x. So
+float32 CPU products go to oneDNN's linear when it is there, with a backward of our own for
+training (oneDNN's op has none). Compiled code keeps F.linear: inductor takes the op only with
+the weights frozen into the graph.
 
 A decode step multiplies one row (or two) by each weight matrix, so its speed is how fast the
 weights stream from memory. Inductor hands such a product to the BLAS matrix-vector routine, which
@@ -39,26 +40,54 @@ class Linear(nn.Linear):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN for float32 CPU products that need no gradient (see above)."""
+    """F.linear, through oneDNN for float32 products on the CPU (see above)."""
     if not uses_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [None], "")
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
+    out = OneDNNLinear.apply(rows, weight, bias) if needs_grad else onednn_linear(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rows @ weight.T (+ bias) for 2-D float32 CPU tensors, by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [None], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """oneDNN's linear with a backward: its own op has none. Both gradients are products too."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight)
+        return onednn_linear(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_rows, need_weight, need_bias = ctx.needs_input_grad
+        # grad @ weight, and grad.T @ rows, each written as a @ b.T for the op.
+        grad_rows = onednn_linear(grad, weight.t().contiguous()) if need_rows else None
+        grad_weight = onednn_linear(grad.t().contiguous(), rows.t().contiguous()) if need_weight else None
+        grad_bias = grad.sum(0) if need_bias else None
+        return grad_rows, grad_weight, grad_bias
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         ONEDNN_LINEAR
-        and not needs_grad
         # Inductor lowers this op only for weights frozen into the graph as constants.
         and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
+        # Autocast would have run F.linear in bfloat16; subclasses (FSDP's DTensor) keep their own.
+        and not torch.is_autocast_enabled("cpu")
+        and type(x) is torch.Tensor
+        and type(weight) in (torch.Tensor, nn.Parameter)
         and x.numel() > 0
     )
 
