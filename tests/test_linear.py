@@ -66,3 +66,18 @@ def test_other_dtypes_and_empty_inputs_keep_f_linear(dtype):
         assert torch.equal(linear(x, weight), F.linear(x, weight))
         assert linear(torch.empty(0, 16, dtype=dtype), weight).shape == (0, 8)
         assert linear(torch.empty(0, 16), weight.float()).shape == (0, 8)
+
+
+@needs_onednn
+def test_compiled_inference_products_are_onednns_too():
+    """Inside torch.compile (decode steps of 3+ rows) the product is oneDNN's, through our custom
+    op, where inductor would otherwise hand it to MKL."""
+    torch.manual_seed(0)
+    layer = Linear(256, 128)  # a shape where MKL's and oneDNN's sums round differently
+    x = torch.randn(2, 2, 256)
+    with torch.inference_mode():
+        assert not torch.equal(F.linear(x, layer.weight, layer.bias), layer(x))
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.inference_mode():
+        eager, traced = layer(x), compiled(x)
+    assert torch.equal(traced, eager)

@@ -4,10 +4,10 @@ compiled decoding.
 Float32 products on the CPU go to MKL's sgemm by default. On the AMD CPU we measured, MKL takes a
 generic path, and oneDNN (in PyTorch's x86 builds too) runs the small preset's layers 1.4-2.2x
 faster from 1 row to 256 (benchmarks/cpu_linear.py; only the narrowest, 128 x 512, loses ~20% at a
-few rows, to a fixed cost per call), and training's forward and backward together 1.5-2.2x. So
+few rows, to a fixed cost per call), and training's forward and backward together 1.25-1.8x. So
 float32 CPU products go to oneDNN's linear when it is there, with a backward of our own for
-training (oneDNN's op has none). Compiled code keeps F.linear: inductor takes the op only with
-the weights frozen into the graph.
+training (oneDNN's op has none). Compiled inference calls it as an opaque custom op (inductor
+lowers oneDNN's own op only for weights frozen into the graph); compiled training keeps F.linear.
 
 A decode step multiplies one row (or two) by each weight matrix, so its speed is how fast the
 weights stream from memory. Inductor hands such a product to the BLAS matrix-vector routine, which
@@ -47,13 +47,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    out = OneDNNLinear.apply(rows, weight, bias) if needs_grad else onednn_linear(rows, weight, bias)
+    if needs_grad:
+        out = OneDNNLinear.apply(rows, weight, bias)
+    elif torch.compiler.is_compiling():
+        out = compiled_onednn_linear(rows, weight, bias)
+    else:
+        out = onednn_linear(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """rows @ weight.T (+ bias) for 2-D float32 CPU tensors, by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [None], "")
+
+
+@torch.library.custom_op("wren::onednn_linear", mutates_args=())
+def compiled_onednn_linear(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """onednn_linear as an opaque op for compiled code: inductor calls it as it is, where it would
+    lower oneDNN's own op only for weights frozen into the graph. Eager calls skip the wrapper's
+    dispatch cost and call onednn_linear."""
+    return onednn_linear(rows, weight, bias)
+
+
+@compiled_onednn_linear.register_fake
+def _(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -77,10 +97,11 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    compiling_for_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
     return (
         ONEDNN_LINEAR
-        # Inductor lowers this op only for weights frozen into the graph as constants.
-        and not torch.compiler.is_compiling()
+        # Our backward is not traced by the compiler; compiled training keeps F.linear.
+        and not compiling_for_training
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
