@@ -1,6 +1,7 @@
 """The continuous-batching engine gives each request the tokens it would get alone."""
 
 import copy
+import itertools
 import json
 import random
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wren.infer.compiled import CompiledDecode
 from wren.infer.engine import Engine
 from wren.infer.generate import generate_ids
 from wren.infer.sampling import SamplingParams
 from wren.infer.text import REPLACEMENT_CHAR
-from wren.model import CausalLM, preset_config
+from wren.model import CausalLM, KVCache, preset_config
 from wren.model.quant import quantize_int8
 from wren.tokenizer import train_tokenizer
 
@@ -313,3 +315,57 @@ def test_compiled_engines_of_two_models_in_one_process_each_run_their_own_graph(
     for (engine, requests), expected in zip(started, alone, strict=True):
         assert not engine.runner.compiled.failed
         assert [r.result.token_ids for r in requests] == expected
+
+
+def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup):
+    """Batch buckets 1 to 16, cache rows in order and gathered, spans 64 to 256: more compiled
+    variants than dynamo's default limit of 8, which would have left the rest uncompiled. Every
+    call matches eager decoding, the first in a bucket (all guards) and the later ones (skipped)."""
+    model, _ = setup
+    torch._dynamo.reset()  # other tests' variants of the step count towards the limit
+    compiled = CompiledDecode(model, KVCache(model.config, 16, 256))
+    eager = KVCache(model.config, 16, 256)
+    caches = list(zip(eager.keys + eager.values, compiled.cache.keys + compiled.cache.values, strict=True))
+    with torch.inference_mode():
+        for _ in range(2):
+            for n, gathered, position in itertools.product((1, 2, 3, 5, 9), (False, True), (10, 100, 200)):
+                slots = list(range(16 - n, 16))[::-1] if gathered else list(range(n))
+                ids, positions = [7] * n, [position] * n
+                for ours, theirs in caches:  # padding rows write into free slots: start alike
+                    ours.copy_(theirs)
+                got = compiled(slots, ids, positions)
+                expected = model(
+                    torch.tensor(ids)[:, None], positions=torch.tensor(positions)[:, None],
+                    cache=eager, cache_rows=torch.tensor(slots),
+                ).logits[:, -1]  # fmt: skip
+                assert got is not None
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not compiled.failed
+    # A bucket left uncompiled would have made its guard-skipping call fail, and its flag False.
+    assert len(compiled._checked) == 5 * 2 * 3 and all(compiled._checked.values())
+
+
+def test_compiled_decode_of_a_mixture_of_experts_matches_eager():
+    """MoE layers compile with graph breaks, where skipping guards fails on the resumed frames:
+    the step then runs again with every guard checked, and still matches eager decoding."""
+    torch.manual_seed(0)
+    config = preset_config(
+        "micro", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, expert_ffn_dim=64
+    )
+    model = CausalLM(config).eval()
+    compiled = CompiledDecode(model, KVCache(config, 4, 128))
+    eager = KVCache(config, 4, 128)
+    caches = list(zip(eager.keys + eager.values, compiled.cache.keys + compiled.cache.values, strict=True))
+    with torch.inference_mode():
+        for _ in range(2):
+            for n, position in itertools.product((1, 2), (5, 70)):
+                slots, ids, positions = list(range(n)), [11] * n, [position] * n
+                for ours, theirs in caches:
+                    ours.copy_(theirs)
+                got = compiled(slots, ids, positions)
+                expected = model(
+                    torch.tensor(ids)[:, None], positions=torch.tensor(positions)[:, None], cache=eager
+                ).logits[:, -1]
+                assert got is not None
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not compiled.failed

@@ -12,18 +12,22 @@ reading the cache up to its own length. So a step is padded to a bucket:
   reading it (the same argument that lets a slot be reused without clearing);
 - the span of cache that attention reads to the next power of two from `MIN_SPAN`, which only
   adds masked keys.
-The bucket sizes are a handful; dynamo compiles the step once per batch bucket and marks the span
-dynamic after the second length, and CUDA graphs are recorded once per bucket pair.
+The bucket sizes are a handful; dynamo compiles the step once per batch bucket (twice: cache rows
+in order, or gathered) and marks the span dynamic after the second length, and CUDA graphs are
+recorded once per bucket pair. That can pass dynamo's default limit of 8 variants per function,
+so compiling runs with a higher one.
 
 Before each call dynamo checks its guards, ~1,800 of them here (every weight's and cache tensor's
 dtype, shape and strides, the module attributes the code read), about 0.15 ms on our CPU: some 7%
 of a small model's step. Once a bucket has run with every guard checked, a later call with the
 same bucket differs from it only in tensor values, which no guard reads, so it runs with dynamo's
-`skip_guard_eval_unsafe` stance: only the guards that tell the compiled variants apart.
+`skip_guard_eval_unsafe` stance: only the guards that tell the compiled variants apart. Where none
+fits, dynamo raises instead of running one; the bucket then goes back to checking every guard.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -31,6 +35,16 @@ import torch
 from wren.model import CausalLM, KVCache
 
 MIN_SPAN = 64
+# Compiled variants of the step allowed: a few per batch bucket (cache rows in order or gathered,
+# the first span and then any span), for every engine in the process, which all share the step's
+# code. Dynamo's default, 8, runs the rest uncompiled.
+RECOMPILE_LIMIT = 64
+# (named cache_size_limit before PyTorch 2.6)
+_LIMIT_SETTING = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+# The stance arrived after PyTorch 2.5, our lowest supported version; there every call checks all.
+CAN_SKIP_GUARDS = hasattr(torch.compiler, "set_stance") and (
+    "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
+)
 
 
 def bucket(n: int, lowest: int, highest: int) -> int:
@@ -59,7 +73,8 @@ class CompiledDecode:
         mode = "reduce-overhead" if self.on_cuda else None
         self._step = torch.compile(self._forward, mode=mode)
         self.failed = False
-        self._checked: set[tuple[int, bool, int]] = set()  # buckets that have run with all guards
+        # Buckets that have run with every guard checked: True while their later calls skip them.
+        self._checked: dict[tuple[int, bool, int], bool] = {}
 
     def _forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None, span: int
@@ -82,14 +97,8 @@ class CompiledDecode:
         span = bucket(max(positions) + 1, MIN_SPAN, self.cache.max_len)
         if self.on_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        key = (size, rows is None, span)
         try:
-            if key in self._checked:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    logits = self._step(tokens, where, rows, span)
-            else:
-                logits = self._step(tokens, where, rows, span)
-                self._checked.add(key)
+            logits = self._run((size, rows is None, span), tokens, where, rows, span)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Compiling fails before the step runs, so the cache is as it was: decode eagerly.
             warnings.warn(f"torch.compile failed, decoding without it: {error}", stacklevel=2)
@@ -97,3 +106,18 @@ class CompiledDecode:
             return None
         # On CUDA a copy: the next replay of a CUDA graph overwrites its output buffer.
         return logits[:n].clone() if self.on_cuda else logits[:n]
+
+    def _run(self, key: tuple[int, bool, int], *args) -> torch.Tensor:
+        """The compiled step for one bucket, skipping the guards once the bucket has been checked."""
+        if self._checked.get(key) and CAN_SKIP_GUARDS:
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self._step(*args)
+            except RuntimeError:
+                # No compiled variant fits (dynamo raises before running anything), or the step
+                # itself failed: either way, run with every guard checked, and keep checking them.
+                self._checked[key] = False
+        with torch._dynamo.config.patch(**{_LIMIT_SETTING: RECOMPILE_LIMIT}):
+            logits = self._step(*args)
+        self._checked.setdefault(key, True)
+        return logits
