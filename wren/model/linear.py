@@ -1,13 +1,14 @@
-"""nn.Linear with two changes for the CPU: oneDNN for float32 inference, and a reduction for
+"""nn.Linear with two changes for the CPU: oneDNN for float32 products, and a reduction for
 compiled decoding.
 
-Float32 products on the CPU go to MKL's sgemm by default. On the AMD CPU we measured, MKL takes a
-generic path, and oneDNN (in PyTorch's x86 builds too) runs the small preset's layers 1.4-2.2x
-faster from 1 row to 256 (benchmarks/cpu_linear.py; only the narrowest, 128 x 512, loses ~20% at a
-few rows, to a fixed cost per call), and training's forward and backward together 1.25-1.8x. So
-float32 CPU products go to oneDNN's linear when it is there, with a backward of our own for
-training (oneDNN's op has none). Compiled inference calls it as an opaque custom op (inductor
-lowers oneDNN's own op only for weights frozen into the graph); compiled training keeps F.linear.
+Float32 products on the CPU go to MKL's sgemm by default. On the AMD CPU we measured, MKL appears
+to take a generic path, and oneDNN (in PyTorch's x86 builds too) runs the small preset's layers
+1.4-2.2x faster from 1 row to 256 (benchmarks/cpu_linear.py; only the narrowest, 128 x 512, loses
+~20% at a few rows, to a fixed cost per call), and training's forward and backward together
+1.25-1.8x. So float32 CPU products go to oneDNN's linear when it is there, with a backward of our
+own for training (oneDNN's op has none). Compiled inference calls it as an opaque custom op
+(inductor lowers oneDNN's own op only for weights frozen into the graph); compiled training keeps
+F.linear.
 
 A decode step multiplies one row (or two) by each weight matrix, so its speed is how fast the
 weights stream from memory. Inductor hands such a product to the BLAS matrix-vector routine, which
