@@ -7,9 +7,13 @@ what the weight layout and the rotary table each contribute. Prints a Markdown t
 A decode step of one stream reads every weight once, so its floor is the weights' bytes over the
 memory bandwidth, measured here as the time to sum a tensor of that many bytes. Variants, each a
 copy of the same randomly initialised model with its own cache and compiled step:
-- "as loaded": each weight its own allocation, rotary angles computed inside the step;
+- "as loaded": each weight its own allocation, rotary angles computed inside the step, and
+  dynamo checking every guard before each step (as in the next two);
 - "packed": the weights in one huge-page block (wren.infer.weight_arena);
-- "packed + rotary table": also reading the angles from a table (wren.model.rope), the default.
+- "packed + rotary table, every guard checked": also reading the angles from a table
+  (wren.model.rope);
+- "packed + rotary table": the same, skipping the guards once a bucket has been checked: the
+  default (wren.infer.compiled).
 With llama-cpp-python installed, llama.cpp's step on the same weights (GGUF f32 or q8_0, same
 context) is timed too. A second table times one prefill of `--prefill` prompt tokens, as the
 engine runs it (eager, filling the cache, no logits), and llama.cpp's. Variants are interleaved
@@ -38,14 +42,14 @@ from wren.model.quant import quantize_int8, weight_bytes
 
 
 def compiled_step(
-    model: CausalLM, packed: bool, table: bool, max_len: int, quantize: str | None
+    model: CausalLM, packed: bool, table: bool, max_len: int, quantize: str | None, skip_guards: bool = True
 ) -> CompiledDecode:
     model = copy.deepcopy(model)
     if quantize:
         quantize_int8(model)
     if packed:
         pack_weights(model)
-    step = CompiledDecode(model, KVCache(model.config, 1, max_len))
+    step = CompiledDecode(model, KVCache(model.config, 1, max_len), skip_guards=skip_guards)
     if not table:
         model.model.rotary_emb.cos_table = model.model.rotary_emb.sin_table = None
     return step
@@ -89,8 +93,11 @@ def main() -> None:
     model = CausalLM(preset_config(args.preset)).eval()
     max_len = max(args.contexts) + args.steps + 1
     variants = {
-        "as loaded": compiled_step(model, False, False, max_len, args.quantize),
-        "packed": compiled_step(model, True, False, max_len, args.quantize),
+        "as loaded": compiled_step(model, False, False, max_len, args.quantize, skip_guards=False),
+        "packed": compiled_step(model, True, False, max_len, args.quantize, skip_guards=False),
+        "packed + rotary table, every guard checked": compiled_step(
+            model, True, True, max_len, args.quantize, skip_guards=False
+        ),
         "packed + rotary table": compiled_step(model, True, True, max_len, args.quantize),
     }
     steps = {name: (lambda p, d=d: d([0], [5], [p])) for name, d in variants.items()}

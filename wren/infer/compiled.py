@@ -58,8 +58,10 @@ def bucket(n: int, lowest: int, highest: int) -> int:
 class CompiledDecode:
     """Decode steps of `model` over `cache`, compiled; called like NativeRunner.decode."""
 
-    def __init__(self, model: CausalLM, cache: KVCache) -> None:
+    def __init__(self, model: CausalLM, cache: KVCache, skip_guards: bool = True) -> None:
+        """`skip_guards=False` checks every guard on every call (see the module docstring)."""
         self.model = model
+        self.skip_guards = skip_guards and CAN_SKIP_GUARDS
         self.cache = cache
         self.device = cache.device
         self.on_cuda = self.device.type == "cuda"
@@ -109,7 +111,7 @@ class CompiledDecode:
 
     def _run(self, key: tuple[int, bool, int], *args) -> torch.Tensor:
         """The compiled step for one bucket, skipping the guards once the bucket has been checked."""
-        if self._checked.get(key) and CAN_SKIP_GUARDS:
+        if self._checked.get(key) and self.skip_guards:
             try:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     return self._step(*args)
