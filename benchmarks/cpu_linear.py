@@ -1,5 +1,5 @@
 """Float32 linear layers on the CPU: F.linear (MKL's sgemm) against oneDNN's linear, which
-wren.model.linear uses for products that need no gradient. Prints a Markdown table.
+wren.model.linear uses for float32 CPU products. Prints a Markdown table.
 
     python benchmarks/cpu_linear.py                        # the small preset's shapes, 1 to 256 rows
     python benchmarks/cpu_linear.py --rows 1 31 512 --threads 2

@@ -11,11 +11,11 @@ counts generated tokens over the whole request, prefill included, as in benchmar
 llama.cpp gets the same thread count as torch.
 
 Each runtime runs in its own worker process, as it would in use: in one process, one library's
-threads (OpenMP's, ggml's) still spin or hold the cores when the other starts, which cost Wren up
-to a quarter of its speed in our runs. The parent drives the workers in turn, one at a time with a
-pause between them and the order rotating from round to round, so that the machine's drifting
-memory bandwidth hits all alike. The median of --runs runs is reported, with the slowest and
-fastest. The compiled engines build their kernels during the warm-up run.
+threads (OpenMP's, ggml's) may still spin or hold the cores when the other starts. The parent
+drives the workers in turn, one at a time with a pause between them and the order rotating from
+round to round, so that the machine's drifting memory bandwidth hits all alike. The median of
+--runs runs is reported, with the slowest and fastest. The compiled engines build their kernels
+during the warm-up run.
 """
 
 from __future__ import annotations
@@ -38,15 +38,24 @@ from wren.model.quant import quantize_int8
 from wren.tokenizer import Tokenizer
 
 
+def exported_gguf(checkpoint: Path, file_type: str) -> Path:
+    """`checkpoint` as a GGUF file beside it, exported by `wren export gguf` unless already there."""
+    path = checkpoint.parent / f"model-{file_type}.gguf"
+    if not path.exists():
+        export_gguf(checkpoint, path, file_type)
+    return path
+
+
 def gguf_llama(checkpoint: Path, file_type: str, threads: int, n_ctx: int):
     """llama-cpp-python's Llama over `checkpoint` exported with `wren export gguf` beside it."""
     import llama_cpp
 
-    path = checkpoint.parent / f"model-{file_type}.gguf"
-    if not path.exists():
-        export_gguf(checkpoint, path, file_type)
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+        model_path=str(exported_gguf(checkpoint, file_type)),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
 
 
@@ -101,7 +110,7 @@ def main() -> None:
     checkpoint = Path(tempfile.mkdtemp()) / "model"
     save_checkpoint(model, checkpoint, tokenizer)
     for file_type in ("f32", "q8_0"):  # exported here, once, rather than by two workers at once
-        export_gguf(checkpoint, checkpoint.parent / f"model-{file_type}.gguf", file_type)
+        exported_gguf(checkpoint, file_type)
 
     keys = [
         (runtime, weights)

@@ -317,6 +317,24 @@ def test_compiled_engines_of_two_models_in_one_process_each_run_their_own_graph(
         assert [r.result.token_ids for r in requests] == expected
 
 
+def compiled_and_eager_logits(
+    model: CausalLM, compiled: CompiledDecode, eager: KVCache, slots: list[int], position: int, token: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One decode step of every slot at `position`, compiled and eagerly, from the same cache: the
+    eager cache first takes the compiled one's contents (padding rows write into free slots)."""
+    for ours, theirs in zip(
+        eager.keys + eager.values, compiled.cache.keys + compiled.cache.values, strict=True
+    ):
+        ours.copy_(theirs)
+    ids, positions = [token] * len(slots), [position] * len(slots)
+    got = compiled(slots, ids, positions)
+    expected = model(
+        torch.tensor(ids)[:, None], positions=torch.tensor(positions)[:, None],
+        cache=eager, cache_rows=torch.tensor(slots),
+    ).logits[:, -1]  # fmt: skip
+    return got, expected
+
+
 def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup):
     """Batch buckets 1 to 16, cache rows in order and gathered, spans 64 to 256: more compiled
     variants than dynamo's default limit of 8, which would have left the rest uncompiled. Every
@@ -325,19 +343,11 @@ def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup)
     torch._dynamo.reset()  # other tests' variants of the step count towards the limit
     compiled = CompiledDecode(model, KVCache(model.config, 16, 256))
     eager = KVCache(model.config, 16, 256)
-    caches = list(zip(eager.keys + eager.values, compiled.cache.keys + compiled.cache.values, strict=True))
     with torch.inference_mode():
         for _ in range(2):
             for n, gathered, position in itertools.product((1, 2, 3, 5, 9), (False, True), (10, 100, 200)):
                 slots = list(range(16 - n, 16))[::-1] if gathered else list(range(n))
-                ids, positions = [7] * n, [position] * n
-                for ours, theirs in caches:  # padding rows write into free slots: start alike
-                    ours.copy_(theirs)
-                got = compiled(slots, ids, positions)
-                expected = model(
-                    torch.tensor(ids)[:, None], positions=torch.tensor(positions)[:, None],
-                    cache=eager, cache_rows=torch.tensor(slots),
-                ).logits[:, -1]  # fmt: skip
+                got, expected = compiled_and_eager_logits(model, compiled, eager, slots, position, token=7)
                 assert got is not None
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not compiled.failed
@@ -355,17 +365,12 @@ def test_compiled_decode_of_a_mixture_of_experts_matches_eager():
     model = CausalLM(config).eval()
     compiled = CompiledDecode(model, KVCache(config, 4, 128))
     eager = KVCache(config, 4, 128)
-    caches = list(zip(eager.keys + eager.values, compiled.cache.keys + compiled.cache.values, strict=True))
     with torch.inference_mode():
         for _ in range(2):
             for n, position in itertools.product((1, 2), (5, 70)):
-                slots, ids, positions = list(range(n)), [11] * n, [position] * n
-                for ours, theirs in caches:
-                    ours.copy_(theirs)
-                got = compiled(slots, ids, positions)
-                expected = model(
-                    torch.tensor(ids)[:, None], positions=torch.tensor(positions)[:, None], cache=eager
-                ).logits[:, -1]
+                got, expected = compiled_and_eager_logits(
+                    model, compiled, eager, list(range(n)), position, token=11
+                )
                 assert got is not None
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not compiled.failed
