@@ -12,8 +12,10 @@ copy of the same randomly initialised model with its own cache and compiled step
 - "packed": the weights in one huge-page block (wren.infer.weight_arena);
 - "packed + rotary table, every guard checked": also reading the angles from a table
   (wren.model.rope);
-- "packed + rotary table": the same, skipping the guards once a bucket has been checked: the
-  default (wren.infer.compiled).
+- "packed + rotary table, guards skipped": the same, skipping the guards once a bucket has been
+  checked;
+- "packed + rotary table, replayed": calling inductor's compiled graph directly once a bucket has
+  been recorded: the default (wren.infer.compiled).
 With llama-cpp-python installed, llama.cpp's step on the same weights (GGUF f32 or q8_0, same
 context) is timed too. A second table times one prefill of `--prefill` prompt tokens, as the
 engine runs it (eager, filling the cache, no logits), and llama.cpp's. Variants are interleaved
@@ -42,14 +44,20 @@ from wren.model.quant import quantize_int8, weight_bytes
 
 
 def compiled_step(
-    model: CausalLM, packed: bool, table: bool, max_len: int, quantize: str | None, skip_guards: bool = True
+    model: CausalLM,
+    packed: bool,
+    table: bool,
+    max_len: int,
+    quantize: str | None,
+    skip_guards: bool = True,
+    replay: bool = True,
 ) -> CompiledDecode:
     model = copy.deepcopy(model)
     if quantize:
         quantize_int8(model)
     if packed:
         pack_weights(model)
-    step = CompiledDecode(model, KVCache(model.config, 1, max_len), skip_guards=skip_guards)
+    step = CompiledDecode(model, KVCache(model.config, 1, max_len), skip_guards=skip_guards, replay=replay)
     if not table:
         model.model.rotary_emb.cos_table = model.model.rotary_emb.sin_table = None
     return step
@@ -92,13 +100,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = CausalLM(preset_config(args.preset)).eval()
     max_len = max(args.contexts) + args.steps + 1
+    checked = dict(skip_guards=False, replay=False)
     variants = {
-        "as loaded": compiled_step(model, False, False, max_len, args.quantize, skip_guards=False),
-        "packed": compiled_step(model, True, False, max_len, args.quantize, skip_guards=False),
+        "as loaded": compiled_step(model, False, False, max_len, args.quantize, **checked),
+        "packed": compiled_step(model, True, False, max_len, args.quantize, **checked),
         "packed + rotary table, every guard checked": compiled_step(
-            model, True, True, max_len, args.quantize, skip_guards=False
+            model, True, True, max_len, args.quantize, **checked
         ),
-        "packed + rotary table": compiled_step(model, True, True, max_len, args.quantize),
+        "packed + rotary table, guards skipped": compiled_step(
+            model, True, True, max_len, args.quantize, replay=False
+        ),
+        "packed + rotary table, replayed": compiled_step(model, True, True, max_len, args.quantize),
     }
     steps = {name: (lambda p, d=d: d([0], [5], [p])) for name, d in variants.items()}
     seeks = {name: lambda context: None for name in variants}  # the cache holds every position
@@ -107,7 +119,7 @@ def main() -> None:
         seeks["llama.cpp (same weights, GGUF)"], steps["llama.cpp (same weights, GGUF)"] = llama
     # Prefill as the engine runs it (eager, filling the cache, no logits), and llama.cpp's.
     prompt = torch.full((1, args.prefill), 5)
-    wren_now = variants["packed + rotary table"]
+    wren_now = variants["packed + rotary table, replayed"]
     prefills = {
         "Wren (packed)": lambda: wren_now.model(
             prompt, positions=torch.arange(args.prefill)[None], cache=wren_now.cache, logits_to_keep=0

@@ -2,6 +2,7 @@
 architectures Wren's model code does not, and --dtype / --adapter mean the same on both."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,6 +56,18 @@ def test_auto_backend(chat_model, tmp_path):
     assert choose_backend(tmp_path / "no-such-model") == "transformers"  # a hub id, for transformers
     with pytest.raises(WrenError, match="unknown backend"):
         choose_backend(chat_model, "vllm")
+
+    # A Llama-shaped checkpoint that ships its own modeling code: only --trust-remote-code, which
+    # asks for that code, sends it to transformers.
+    custom = tmp_path / "custom-code"
+    shutil.copytree(chat_model, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling.Config", "AutoModelForCausalLM": "modeling.Model"}
+    (custom / "config.json").write_text(json.dumps(config))
+    assert choose_backend(custom) == "native"
+    assert choose_backend(custom, trust_remote_code=True) == "transformers"
+    assert choose_backend(custom, "native", trust_remote_code=True) == "native"
+    assert choose_backend(chat_model, trust_remote_code=True) == "native"  # no code of its own
 
     engine = load_engine(tmp_path / "gpt2", max_batch_size=3)
     assert engine.max_seq_len == 128

@@ -335,16 +335,18 @@ def compiled_and_eager_logits(
     return got, expected
 
 
-def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup):
+@pytest.mark.parametrize("replay", [True, False])
+def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup, replay):
     """Batch buckets 1 to 16, cache rows in order and gathered, spans 64 to 256: more compiled
     variants than dynamo's default limit of 8, which would have left the rest uncompiled. Every
-    call matches eager decoding, the first in a bucket (all guards) and the later ones (skipped)."""
+    call matches eager decoding: the first in a bucket (all guards), the second (recorded for
+    replay, or skipping the guards) and the third (replayed, or skipping the guards)."""
     model, _ = setup
     torch._dynamo.reset()  # other tests' variants of the step count towards the limit
-    compiled = CompiledDecode(model, KVCache(model.config, 16, 256))
+    compiled = CompiledDecode(model, KVCache(model.config, 16, 256), replay=replay)
     eager = KVCache(model.config, 16, 256)
     with torch.inference_mode():
-        for _ in range(2):
+        for _ in range(3):
             for n, gathered, position in itertools.product((1, 2, 3, 5, 9), (False, True), (10, 100, 200)):
                 slots = list(range(16 - n, 16))[::-1] if gathered else list(range(n))
                 got, expected = compiled_and_eager_logits(model, compiled, eager, slots, position, token=7)
@@ -353,11 +355,16 @@ def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup)
     assert not compiled.failed
     # A bucket left uncompiled would have made its guard-skipping call fail, and its flag False.
     assert len(compiled._checked) == 5 * 2 * 3 and all(compiled._checked.values())
+    if replay:  # every bucket recorded its one call into the compiled graph, and replayed it
+        assert len(compiled._replays) == 5 * 2 * 3 and None not in compiled._replays.values()
+    else:
+        assert not compiled._replays
 
 
 def test_compiled_decode_of_a_mixture_of_experts_matches_eager():
-    """MoE layers compile with graph breaks, where skipping guards fails on the resumed frames:
-    the step then runs again with every guard checked, and still matches eager decoding."""
+    """MoE layers compile with graph breaks: a step makes several calls into compiled graphs, so
+    it is not replayed, and skipping guards fails on the resumed frames: the step then runs again
+    with every guard checked, and still matches eager decoding."""
     torch.manual_seed(0)
     config = preset_config(
         "micro", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, expert_ffn_dim=64
@@ -374,3 +381,4 @@ def test_compiled_decode_of_a_mixture_of_experts_matches_eager():
                 assert got is not None
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not compiled.failed
+    assert compiled._replays and set(compiled._replays.values()) == {None}

@@ -323,7 +323,7 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Tr
         "--compile",
         action=argparse.BooleanOptionalAction,
         help="compile the native decode step with torch.compile (default: on CUDA only; on the CPU "
-        "it takes a minute to start and then decodes one stream about three times as fast)",
+        "it takes a minute to start and then decodes one stream two to three times as fast)",
     )
     parser.add_argument(
         "--quantize",

@@ -7,6 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -43,10 +44,15 @@ def native_dtype(model: str | Path, dtype: str, device: str | torch.device) -> t
     return chosen
 
 
-def choose_backend(model: str | Path, backend: Backend = "auto") -> Literal["native", "transformers"]:
+def choose_backend(
+    model: str | Path, backend: Backend = "auto", trust_remote_code: bool = False
+) -> Literal["native", "transformers"]:
     """`auto` runs Wren's own model code when it reads the checkpoint's config.json (Llama,
     Mistral, Qwen2, Qwen2-MoE, Qwen3; float or quantised by `wren quantize`), and transformers for
-    anything else, hub ids and other quantisation formats included."""
+    anything else, hub ids and other quantisation formats included. One exception: a checkpoint
+    that ships its own modeling code (`auto_map` in config.json), opened with
+    `trust_remote_code`, goes to transformers, the only backend that runs that code; without the
+    flag transformers would use its built-in class for the architecture, as Wren's code does."""
     if backend not in BACKENDS:
         raise WrenError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -59,7 +65,16 @@ def choose_backend(model: str | Path, backend: Backend = "auto") -> Literal["nat
         read_quantization(model)
     except WrenError:
         return "transformers"
+    if trust_remote_code and declares_own_model_code(model):
+        return "transformers"
     return "native"
+
+
+def declares_own_model_code(model: str | Path) -> bool:
+    """Whether the checkpoint's config.json maps AutoModelForCausalLM to code it ships."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    auto_map = config.get("auto_map")
+    return isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map
 
 
 def quantize_loaded(network: torch.nn.Module, model: str | Path, quantize: str | None) -> None:
@@ -107,7 +122,7 @@ def load_engine(
     checkpoint written by `wren quantize` loads quantised without it. `compile` runs the native
     decode step under torch.compile (None: on CUDA only; see wren.infer.engine).
     """
-    chosen = choose_backend(model, backend)
+    chosen = choose_backend(model, backend, trust_remote_code)
     if quantize not in (None, *QUANTIZE):
         raise WrenError(f"unknown quantisation {quantize!r}; expected {' or '.join(QUANTIZE)}")
     if quantize and chosen != "native":
