@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wren.infer.compiled import CompiledDecode
+from wren.infer.compiled import CompiledDecode, _verified_replay
 from wren.infer.engine import Engine
 from wren.infer.generate import generate_ids
 from wren.infer.sampling import SamplingParams
@@ -359,6 +359,30 @@ def test_compiled_decode_compiles_every_bucket_past_dynamos_default_limit(setup,
         assert len(compiled._replays) == 5 * 2 * 3 and None not in compiled._replays.values()
     else:
         assert not compiled._replays
+
+
+def test_a_recorded_step_that_does_not_rewrite_the_cache_is_not_replayed():
+    """The check on recording a step for replay: the repeated call must give the logits again and
+    write the cache entries the step wrote, not only the logits (a graph that left the cache update
+    to the wrappers around it would replay without filling the cache)."""
+    cache = torch.zeros(2, 3)
+    logits = torch.arange(4.0)
+    written = [cache[1]]
+    written[0].fill_(5.0)  # what the recorded step wrote
+
+    def forgetful_graph(inputs: list) -> tuple[torch.Tensor]:
+        return (logits.clone(),)
+
+    def graph(inputs: list) -> tuple[torch.Tensor]:
+        cache[1].fill_(5.0)
+        return (logits.clone(),)
+
+    assert _verified_replay([(forgetful_graph, [], (logits,))], logits, written) is None
+    assert torch.equal(cache[1], torch.full((3,), 5.0))  # put back as the step left it
+    replay = _verified_replay([(graph, [], (logits,))], logits, written)
+    assert replay is not None and torch.equal(replay(), logits)
+    assert _verified_replay([(graph, [], (logits,))] * 2, logits, written) is None  # two graph calls
+    assert _verified_replay([(graph, [], (logits.clone(),))], logits, written) is None  # not its output
 
 
 def test_compiled_decode_of_a_mixture_of_experts_matches_eager():

@@ -31,8 +31,10 @@ one call it makes into inductor's compiled graph (the flat list of weights, cach
 inputs), and later calls make that call directly. Its inputs are the bucket's own tensors, which
 each step fills in place, so the recorded list stays valid. A step that does not reach inductor in
 exactly one call (an MoE step with graph breaks), or whose replay does not reproduce the recorded
-logits bit for bit, is not replayed. This leans on inductor's `CompiledFxGraph` being called with
-one list of inputs; where that class is missing, nothing is recorded and steps run as above.
+logits bit for bit and rewrite the cache entries the step wrote (blanked first), is not replayed:
+the cache check catches a graph that leaves the cache update to the wrappers it skips. This leans
+on inductor's `CompiledFxGraph` being called with one list of inputs; where that class is
+missing, nothing is recorded and steps run as above.
 """
 
 from __future__ import annotations
@@ -160,10 +162,7 @@ class CompiledDecode:
         """The compiled step for one bucket, skipping the guards once the bucket has been checked,
         and recording it for replay on its second call."""
         if self._checked.get(key) and self.replay and key not in self._replays:
-            with _recording_compiled_graph_calls() as calls:
-                logits = self._checked_step(args)
-            self._replays[key] = _verified_replay(calls, logits)
-            return logits
+            return self._record(key, *args)
         if self._checked.get(key) and self.skip_guards:
             try:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
@@ -174,6 +173,27 @@ class CompiledDecode:
                 self._checked[key] = False
         logits = self._checked_step(args)
         self._checked.setdefault(key, True)
+        return logits
+
+    def _record(
+        self,
+        key: tuple[int, bool, int],
+        tokens: torch.Tensor,
+        where: torch.Tensor,
+        rows: torch.Tensor | None,
+        span: int,
+    ) -> torch.Tensor:
+        """The bucket's step with every guard checked, its call into the compiled graph recorded
+        and kept for replay if repeating it gives the same logits and cache entries."""
+        with _recording_compiled_graph_calls() as calls:
+            logits = self._checked_step((tokens, where, rows, span))
+        slots = range(len(tokens)) if rows is None else rows.tolist()
+        written = [
+            layer[slot, :, position]
+            for layer in self.cache.keys + self.cache.values
+            for slot, position in zip(slots, where[:, 0].tolist(), strict=True)
+        ]
+        self._replays[key] = _verified_replay(calls, logits, written)
         return logits
 
     def _checked_step(self, args: tuple) -> torch.Tensor:
@@ -207,12 +227,14 @@ def _recording_compiled_graph_calls() -> Iterator[list[tuple[object, list, objec
 
 
 def _verified_replay(
-    calls: list[tuple[object, list, object]], logits: torch.Tensor
+    calls: list[tuple[object, list, object]], logits: torch.Tensor, written: list[torch.Tensor]
 ) -> Callable[[], torch.Tensor] | None:
     """A call that repeats the one recorded graph call and returns the step's logits, or None if
     the step made other than one call, or its logits are not one of the graph's outputs, or the
-    repeat differs from them. Repeating a step is harmless: it writes the same keys and values
-    into the cache at the same positions."""
+    repeat does not give them again and rewrite the cache entries the step wrote (`written`,
+    views of the cache, blanked first: a graph that left the cache update to the wrappers around
+    it would not). Repeating a step is otherwise harmless: it writes the same keys and values at
+    the same positions."""
     if len(calls) != 1:
         return None
     graph, arguments, outputs = calls[0]
@@ -223,4 +245,12 @@ def _verified_replay(
     def replay() -> torch.Tensor:
         return graph(list(arguments))[index]
 
-    return replay if torch.equal(replay(), logits) else None
+    saved = [entry.clone() for entry in written]
+    for entry in written:
+        entry.fill_(float("nan"))
+    same = torch.equal(replay(), logits)
+    same = same and all(torch.equal(entry, value) for entry, value in zip(written, saved, strict=True))
+    if not same:
+        for entry, value in zip(written, saved, strict=True):
+            entry.copy_(value)
+    return replay if same else None
