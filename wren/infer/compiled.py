@@ -119,19 +119,10 @@ class CompiledDecode:
         span = bucket(max(positions) + 1, MIN_SPAN, self.cache.max_len)
         key = (size, in_order, span)
         padding = [0] * (size - n)
-        if self.replay:
-            tokens, where, rows = self._bucket_inputs(key)
-            tokens.numpy()[:, 0] = ids + padding
-            where.numpy()[:, 0] = positions + padding
-            if rows is not None:
-                rows.numpy()[:] = padded_slots
-            replay = self._replays.get(key)
-            if replay is not None:
-                return replay()[:n]
-        else:
-            tokens = torch.tensor(ids + padding, device=self.device)[:, None]
-            where = torch.tensor(positions + padding, device=self.device)[:, None]
-            rows = None if in_order else torch.tensor(padded_slots, device=self.device)
+        tokens, where, rows = self._step_inputs(key, ids + padding, positions + padding, padded_slots)
+        replay = self._replays.get(key)
+        if replay is not None:
+            return replay()[:n]
         if self.on_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         try:
@@ -144,19 +135,32 @@ class CompiledDecode:
         # On CUDA a copy: the next replay of a CUDA graph overwrites its output buffer.
         return logits[:n].clone() if self.on_cuda else logits[:n]
 
-    def _bucket_inputs(
-        self, key: tuple[int, bool, int]
+    def _step_inputs(
+        self, key: tuple[int, bool, int], ids: list[int], positions: list[int], slots: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The bucket's token, position and cache-row tensors, made on its first call."""
-        if key not in self._inputs:
-            size, in_order, _ = key
-            rows = None if in_order else torch.zeros(size, dtype=torch.long)
-            self._inputs[key] = (
-                torch.zeros(size, 1, dtype=torch.long),
-                torch.zeros(size, 1, dtype=torch.long),
+        """The step's token, position and cache-row tensors (rows None when the slots are 0..n-1).
+        For replay, the bucket's own, made on its first call and filled in place; else new ones."""
+        in_order = key[1]
+        if not self.replay:
+            rows = None if in_order else torch.tensor(slots, device=self.device)
+            return (
+                torch.tensor(ids, device=self.device)[:, None],
+                torch.tensor(positions, device=self.device)[:, None],
                 rows,
             )
-        return self._inputs[key]
+        if key not in self._inputs:
+            rows = None if in_order else torch.zeros(len(slots), dtype=torch.long)
+            self._inputs[key] = (
+                torch.zeros(len(ids), 1, dtype=torch.long),
+                torch.zeros(len(ids), 1, dtype=torch.long),
+                rows,
+            )
+        tokens, where, rows = self._inputs[key]
+        tokens.numpy()[:, 0] = ids
+        where.numpy()[:, 0] = positions
+        if rows is not None:
+            rows.numpy()[:] = slots
+        return tokens, where, rows
 
     def _run(self, key: tuple[int, bool, int], *args) -> torch.Tensor:
         """The compiled step for one bucket, skipping the guards once the bucket has been checked,
