@@ -24,17 +24,17 @@ same bucket differs from it only in tensor values, which no guard reads, so it r
 `skip_guard_eval_unsafe` stance: only the guards that tell the compiled variants apart. Where none
 fits, dynamo raises instead of running one; the bucket then goes back to checking every guard.
 
-On the CPU even that leaves ~0.4 ms per step of the small preset's int8 model (a quarter of it)
-between our call and the generated kernel: dynamo's remaining guards, the AOT wrapper and its
-handling of ~150 inputs. So a CPU bucket, once compiled, is replayed: its second call records the
-one call it makes into inductor's compiled graph (the flat list of weights, cache tensors and
-inputs), and later calls make that call directly. Its inputs are the bucket's own tensors, which
-each step fills in place, so the recorded list stays valid. A step that does not reach inductor in
-exactly one call (an MoE step with graph breaks), or whose replay does not reproduce the recorded
-logits bit for bit and rewrite the cache entries the step wrote (blanked first), is not replayed:
-the cache check catches a graph that leaves the cache update to the wrappers it skips. This leans
-on inductor's `CompiledFxGraph` being called with one list of inputs; where that class is
-missing, nothing is recorded and steps run as above.
+On the CPU even that leaves much between our call and the generated kernel: dynamo's remaining
+guards, the AOT wrapper and its handling of ~150 inputs (without them the small preset's int8 step
+went from 2.24 to 1.61 ms; benchmarks/RESULTS.md). So a CPU bucket, once compiled, is replayed:
+its second call records the one call it makes into inductor's compiled graph (the flat list of
+weights, cache tensors and inputs), and later calls make that call directly. Its inputs are the
+bucket's own tensors, which each step fills in place, so the recorded list stays valid. A step
+that does not reach inductor in exactly one call (an MoE step with graph breaks), or whose replay
+does not reproduce the recorded logits bit for bit and rewrite the cache entries the step wrote
+(blanked first), is not replayed: the cache check catches a graph that leaves the cache update to
+the wrappers it skips. This leans on inductor's `CompiledFxGraph` being called with one list of
+inputs; where that class is missing, nothing is recorded and steps run as above.
 """
 
 from __future__ import annotations
