@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import wren.model.quant
 from wren.infer.compiled import CompiledDecode, _verified_replay
 from wren.infer.engine import Engine
 from wren.infer.generate import generate_ids
@@ -315,6 +316,27 @@ def test_compiled_engines_of_two_models_in_one_process_each_run_their_own_graph(
     for (engine, requests), expected in zip(started, alone, strict=True):
         assert not engine.runner.compiled.failed
         assert [r.result.token_ids for r in requests] == expected
+
+
+def test_compiled_int8_decode_with_int8_activations_gives_the_eager_tokens(setup, monkeypatch):
+    """Large enough int8 products quantise their activations as well, in the compiled step as
+    eagerly; the tokens agree, and the batch's bucket replays. The test model's products are far
+    below the size where that starts, so here it starts at any size."""
+    monkeypatch.setattr(wren.model.quant, "INT8_ACTIVATION_MIN_MACS", 1)
+    model, tokenizer = setup
+    int8_model = copy.deepcopy(model)
+    quantize_int8(int8_model)
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    prompts = PROMPTS * 2
+
+    def run(compile: bool) -> list[list[int]]:
+        engine = Engine(int8_model, tokenizer, max_batch_size=16, compile=compile)
+        results = engine.generate(prompts, params)
+        assert engine.runner.compiled is None or engine.runner.compiled._replays
+        return [r.token_ids for r in results]
+
+    torch._dynamo.reset()
+    assert run(compile=True) == run(compile=False)
 
 
 def compiled_and_eager_logits(

@@ -18,7 +18,14 @@ from wren.errors import WrenError
 from wren.infer.engine import Engine
 from wren.infer.load import choose_backend, load_engine
 from wren.infer.sampling import SamplingParams
-from wren.model.quant import Int4Linear, Int8Linear, quantize_linears, weight_bytes
+from wren.model.quant import (
+    CPU_INT8_MATMUL,
+    INT8_ACTIVATION_MIN_MACS,
+    Int4Linear,
+    Int8Linear,
+    quantize_linears,
+    weight_bytes,
+)
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=20)
 CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}] for a, b in [(3, 4), (9, 8), (0, 1)]]
@@ -52,6 +59,34 @@ def logits(model, engine) -> torch.Tensor:
     ids = torch.tensor([engine.tokenizer.apply_chat_template(CHATS[0], add_generation_prompt=True)])
     with torch.no_grad():
         return model(ids).logits
+
+
+@pytest.mark.skipif(not CPU_INT8_MATMUL, reason="this PyTorch has no int8 matrix product on the CPU")
+def test_int8_products_quantise_the_activations_of_many_rows():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 200)
+    layer = Int8Linear(linear)
+    weight = layer.weight_int8.double() * layer.scale.double()[:, None]  # what the layer holds
+    many = -(-INT8_ACTIVATION_MIN_MACS // (256 * 200))  # rows from which activations are int8
+    with torch.no_grad():
+        for rows in (1, many - 1):  # smaller products: bfloat16 activations
+            x = torch.randn(rows, 256)
+            expected = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), layer.weight_int8, layer.scale)
+            assert torch.equal(layer(x), expected.float() + linear.bias)
+
+        x = torch.randn(2, -(-many // 2), 256) * torch.logspace(-3, 2, 256)  # a wide range
+        x[1, 3] = 0  # a row of zeros: zeros out, not NaN
+        got = layer(x)
+        # Independently: each row rounded to 255 levels of its largest magnitude, exact products.
+        step = x.double().abs().amax(-1, keepdim=True).clamp(min=1e-300) / 127
+        rows = torch.round(x.double() / step)
+        assert rows.abs().max() == 127
+        expected = (rows * step) @ weight.T + linear.bias.double()
+        assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        assert torch.equal(got[1, 3], linear.bias)
+        # What int8 activations cost against the float product by the same int8 weight.
+        exact = x.double() @ weight.T + linear.bias.double()
+        assert 0 < ((got.double() - exact).abs().max() / exact.abs().max()).item() < 0.02
 
 
 def test_int4_weights(chat_model):

@@ -14,7 +14,14 @@ step reads.
 
 On the CPU the products run in PyTorch's weight-only kernels (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`) with bfloat16 activations; elsewhere the weight is dequantised
-for each call, which saves memory, not time.
+for each call, which saves memory, not time. Two exceptions for int8 on the CPU:
+- a compiled decode step's product of a row or two is inductor's reduction (wren.model.linear);
+- a product of `INT8_ACTIVATION_MIN_MACS` multiply-adds or more (a prompt, a large batch)
+  quantises its activations too, one symmetric int8 scale per row, and runs int8 by int8 in
+  oneDNN (`torch._int_mm`), as llama.cpp multiplies q8_0 weights by rows it quantises to 8 bits.
+  There the bfloat16 kernel is no faster than a float32 product, and the int8 one 1.2-3.7x faster
+  than the bfloat16 one; below, quantising the rows costs more than it saves
+  (benchmarks/cpu_int8_linear.py). Decoding one stream stays weight-only.
 """
 
 from __future__ import annotations
@@ -30,6 +37,22 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts
 DEFAULT_GROUP_SIZE = 32
 _CPU_INT4_ROWS = 16  # the CPU int4 kernel wants the output size in multiples of this
 _ROUTERS = (".mlp.gate", ".mlp.shared_expert_gate")  # MoE routing layers: int8 even at 4 bits
+# Size (rows x in x out) from which a CPU int8 product quantises its activations (see above):
+# the break-even measured on the small preset's shapes (512 x 512 from 31 rows, 1408 x 512 from
+# about 12).
+INT8_ACTIVATION_MIN_MACS = 8_000_000
+
+
+def _cpu_int8_matmul_works() -> bool:
+    """Whether this PyTorch multiplies int8 by int8 on the CPU (older builds raise)."""
+    try:
+        a = torch.ones(32, 32, dtype=torch.int8)
+        return bool(torch._int_mm(a, a.t()).eq(32).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+CPU_INT8_MATMUL = _cpu_int8_matmul_works()
 
 
 class Int8Linear(nn.Module):
@@ -51,8 +74,12 @@ class Int8Linear(nn.Module):
             # so the weight streams from memory as one byte per entry (see wren.model.linear).
             out = row_products(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         elif x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+            flat = x.reshape(-1, self.in_features)
+            if CPU_INT8_MATMUL and flat.numel() * self.out_features >= INT8_ACTIVATION_MIN_MACS:
+                out = int8_activation_products(flat, self.weight_int8, self.scale)
+            else:
+                bf16 = flat.to(torch.bfloat16)
+                out = torch.ops.aten._weight_int8pack_mm(bf16, self.weight_int8, self.scale)
             out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
@@ -61,6 +88,15 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_activation_products(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (weight_int8 * scale[:, None]).T in float32 for 2-d x, with x quantised per row to int8
+    (symmetric, round to nearest) and the product summed in int32."""
+    x = x.float()
+    row_scale = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+    rows = torch.round(x / row_scale).to(torch.int8)
+    return torch._int_mm(rows, weight_int8.t()) * row_scale * scale.float()
 
 
 class Int4Linear(nn.Module):
