@@ -3,6 +3,7 @@ batched and one request at a time. Prints a Markdown table.
 
     python benchmarks/serve.py --clients 1 16 64 --max-tokens 32
     python benchmarks/serve.py --model path/to/checkpoint --device cuda --max-tokens 128
+    python benchmarks/serve.py --quantize int8 --compile    # passed on to wren serve
 
 Without --model, a randomly initialised `small` preset (as `wren model init --preset small`) with
 a tokenizer trained on the demo corpus: serving speed does not depend on the weights' values. Each
@@ -67,14 +68,12 @@ def free_port() -> int:
 class Server:
     """`wren serve` in a subprocess, for the length of a `with` block."""
 
-    def __init__(self, model: Path, batch_size: int, device: str | None) -> None:
+    def __init__(self, model: Path, batch_size: int, options: list[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "wren", "serve", str(model), "--port", str(self.port),
                    "--max-batch-size", str(batch_size), "--max-concurrency", "4096",
-                   "--log-level", "warning"]  # fmt: skip
-        if device:
-            command += ["--device", device]
+                   "--log-level", "warning", *options]  # fmt: skip
         self.process = subprocess.Popen(command)
 
     def __enter__(self) -> Server:
@@ -145,7 +144,10 @@ def summarise(timings: list[Timing], seconds: float) -> dict[str, float]:
 
 def measure(model: Path, batch_size: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
     results = {}
-    with Server(model, batch_size, args.device) as server:
+    options = ["--device", args.device] if args.device else []
+    options += ["--quantize", args.quantize] if args.quantize else []
+    options += ["--compile"] if args.compile else []
+    with Server(model, batch_size, options) as server:
         for clients in args.clients:
             # Untimed first: a compiled server builds its kernels (and CUDA graphs) per batch size.
             asyncio.run(load(server.url, clients, 1, args.max_tokens))
@@ -172,6 +174,10 @@ def main() -> None:
         help="requests per level at least (default 8); each client sends max(1, this / clients)",
     )
     parser.add_argument("--device", help="passed to wren serve (default: its own choice)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="passed to wren serve")
+    parser.add_argument(
+        "--compile", action="store_true", help="passed to wren serve (default: its own choice)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -181,6 +187,7 @@ def main() -> None:
 
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     served = args.model or f"{args.preset} (random weights)"
+    served += "".join(f", {option}" for option in (args.quantize, args.compile and "compiled") if option)
     print(f"\n# serve: {served}, {args.max_tokens} tokens per request, greedy, ignore_eos, "
           f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")  # fmt: skip
     columns = (

@@ -401,9 +401,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from wren.serve.server import require_dependencies, serve
 
     require_dependencies()
-    engine = open_engine(args, max_batch_size=args.max_batch_size)
     serve(
-        engine,
+        lambda: open_engine(args, max_batch_size=args.max_batch_size),
         args.model,
         host=args.host,
         port=args.port,

@@ -5,6 +5,13 @@ steps, runs `step()` (blocking compute, so never on the event loop), and hands e
 events to the loop with one `call_soon_threadsafe` per step. When there is nothing to do it
 blocks on the queue instead of spinning. The event loop side sees a `Generation`: the engine
 requests of one HTTP request (one per choice) and an asyncio queue of their events.
+
+The engine thread also builds the engine, so that it is the only thread of the server that runs
+PyTorch. With OpenMP (PyTorch's CPU threads) each thread that runs parallel work keeps its own
+team of worker threads; once two teams exist on a machine with no spare cores, the workers stop
+spinning between parallel regions and sleep, and waking them costs tens of microseconds per
+region. With the model loaded on the main thread, one client's int8 stream ran at 97 tokens/s on
+2 cores, against 176 (benchmarks/RESULTS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,12 +105,15 @@ class EngineDriver:
     """Runs an Engine on its own thread for asyncio callers; see the module docstring.
 
     `max_pending` bounds the engine requests (waiting + running) of open generations: a
-    submission beyond it raises QueueFull instead of queueing without limit.
+    submission beyond it raises QueueFull instead of queueing without limit. `launch()` builds the
+    engine, on the engine thread; `start()`, on the event loop, connects that loop.
     """
 
-    def __init__(self, engine: Engine, max_pending: int) -> None:
-        self.engine = engine
-        self.max_pending = max_pending
+    def __init__(self, load: Callable[[], Engine], max_pending: int | None = None) -> None:
+        """`load` builds the engine; `max_pending` None: set it once `launch()` has returned."""
+        self._load = load
+        self.engine: Engine  # from launch()
+        self.max_pending = max_pending or 0
         self.pending = 0  # engine requests of open generations; touched on the loop thread only
         # A snapshot of the engine's queue, written by the engine thread after every step.
         self.waiting = 0
@@ -117,11 +128,17 @@ class EngineDriver:
 
     # -- event loop side ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the engine thread; call from the running event loop that will read events."""
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="wren-engine", daemon=True)
+    def launch(self) -> Engine:
+        """Start the engine thread and build the engine there; return it once built, or raise
+        what building it raised."""
+        built: Future[Engine] = Future()
+        self._thread = threading.Thread(target=self._main, args=(built,), name="wren-engine", daemon=True)
         self._thread.start()
+        return built.result()
+
+    def start(self) -> None:
+        """Connect the running event loop, which will read the events; after `launch()`."""
+        self._loop = asyncio.get_running_loop()
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
@@ -147,6 +164,15 @@ class EngineDriver:
             self._inbox.put(("cancel", generation))
 
     # -- engine thread ------------------------------------------------------------------------
+
+    def _main(self, built: Future[Engine]) -> None:
+        try:
+            self.engine = self._load()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(self.engine)
+        self._run()
 
     def _run(self) -> None:
         running = True

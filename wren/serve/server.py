@@ -1,9 +1,11 @@
-"""`wren serve`: build the application around an opened engine and run it under uvicorn."""
+"""`wren serve`: open the engine on its own thread, build the application around it and run it
+under uvicorn."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 
 from wren.errors import WrenError
 from wren.infer.engine import Engine
@@ -26,7 +28,7 @@ def require_dependencies() -> None:
 
 
 def serve(
-    engine: Engine,
+    load_engine: Callable[[], Engine],
     model: str,
     *,
     host: str = "127.0.0.1",
@@ -36,8 +38,9 @@ def serve(
     max_concurrency: int | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve an engine until interrupted (blocks). `model` is where it came from: the default
-    served name (as vLLM does) and the `root` of /v1/models."""
+    """Serve the engine `load_engine` opens until interrupted (blocks); it is called on the
+    engine thread (see wren.serve.driver). `model` is where it came from: the default served
+    name (as vLLM does) and the `root` of /v1/models."""
     require_dependencies()
     import uvicorn
 
@@ -45,12 +48,15 @@ def serve(
     from wren.serve.driver import EngineDriver
     from wren.serve.state import ServerState
 
-    if max_concurrency is None:
-        max_concurrency = DEFAULT_QUEUE_PER_SLOT * engine.max_batch_size
-    if max_concurrency < 1:
+    if max_concurrency is not None and max_concurrency < 1:
         raise WrenError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state = ServerState(EngineDriver(engine, max_concurrency), served_model_name or str(model), str(model))
+    driver = EngineDriver(load_engine)
+    engine = driver.launch()
+    if max_concurrency is None:
+        max_concurrency = DEFAULT_QUEUE_PER_SLOT * engine.max_batch_size
+    driver.max_pending = max_concurrency
+    state = ServerState(driver, served_model_name or str(model), str(model))
     if not api_key and not _is_loopback(host):
         logger.warning("listening on %s without an API key: anyone who can reach it can use the model", host)
     logger.info(
