@@ -432,10 +432,11 @@ def _cmd_web(args: argparse.Namespace) -> None:
         api_key = args.api_key or os.environ.get("WREN_API_KEY") or os.environ.get("OPENAI_API_KEY")
         backend = ApiBackend(args.api_base, api_key=api_key, model=args.served_model)
     else:
-        from wren.infer.shared import SharedEngine
+        from wren.infer.shared import EngineThread
 
-        engine = open_engine(args, max_batch_size=args.max_batch_size)
-        backend = LocalBackend(SharedEngine(engine), args.model)
+        # Built and stepped on one thread of its own, not the page's worker threads (see there).
+        engine = EngineThread(lambda: open_engine(args, max_batch_size=args.max_batch_size))
+        backend = LocalBackend(engine, args.model)
     launch(backend, host=args.host, port=args.port)
 
 

@@ -1,5 +1,8 @@
 """One engine shared by many threads: LangChain's `batch`, a web page's request handlers.
 
+`SharedEngine` wraps an engine the caller built; `EngineThread` builds and steps one on a thread
+of its own (see its docstring for why a web page wants that).
+
 The engine itself is single-threaded. `SharedEngine` guards it with a lock, and whichever caller
 holds the lock steps the engine for everyone: each step advances every running request, so
 callers in different threads still share one continuous batch without a thread of their own.
@@ -7,11 +10,13 @@ callers in different threads still share one continuous batch without a thread o
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 from wren.infer.engine import Engine, Prompt
-from wren.infer.request import Event, Result
+from wren.infer.request import Event, Request, Result
 from wren.infer.sampling import SamplingParams
 
 
@@ -46,3 +51,106 @@ class SharedEngine:
             if isinstance(event, Result):
                 return event
         raise AssertionError("a request's events always end with its Result")
+
+
+class EngineThread:
+    """An engine built and stepped on one thread of its own, for callers in other threads (a web
+    page's handlers), with SharedEngine's `run` and `complete`.
+
+    SharedEngine steps on whichever caller holds its lock. That is right for an engine the caller
+    built and mostly drives from its own thread (LangChain's `invoke`), but a page's handlers run
+    on worker threads, and with OpenMP each thread that runs parallel work keeps its own team of
+    workers: once two teams exist on a machine with no spare cores, the workers sleep between
+    parallel operations and each operation waits for them to wake (see wren.serve.driver, which
+    builds the server's engine on its engine thread for the same reason). Here one thread loads
+    the model and runs every step; callers only exchange requests and events with it.
+    """
+
+    def __init__(self, load: Callable[[], Engine]) -> None:
+        """Start the thread and build the engine there with `load`; raises what building raised."""
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        built: Future[Engine] = Future()
+        self._thread = threading.Thread(
+            target=self._main, args=(load, built), name="wren-engine", daemon=True
+        )
+        self._thread.start()
+        self.engine = built.result()
+
+    def run(self, prompt: Prompt, params: SamplingParams) -> Iterator[Event]:
+        """Text deltas of `prompt`, then its `Result`. Closing the iterator early cancels it."""
+        events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._inbox.put(("submit", (prompt, params, events)))
+        request = events.get()  # the engine's Request, or why it refused the prompt
+        if isinstance(request, BaseException):
+            raise request
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                yield event  # type: ignore[misc]
+                if isinstance(event, Result):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("cancel", request))
+
+    def complete(self, prompt: Prompt, params: SamplingParams) -> Result:
+        """Run `prompt` to the end and return its result."""
+        for event in self.run(prompt, params):
+            if isinstance(event, Result):
+                return event
+        raise AssertionError("a request's events always end with its Result")
+
+    def _main(self, load: Callable[[], Engine], built: Future[Engine]) -> None:
+        try:
+            engine = load()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(engine)
+        readers: dict[Request, queue.SimpleQueue[object]] = {}
+        while True:
+            # Wait for a command when there is nothing to step; otherwise take what has come.
+            try:
+                command = self._inbox.get(block=not engine.has_work)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._apply(engine, readers, *command)
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    command = None
+            if engine.has_work:
+                try:
+                    engine.step()
+                except Exception as exc:  # every running request fails; the thread lives on
+                    for request, reader in readers.items():
+                        reader.put(exc)
+                        if not request.done:
+                            engine.cancel(request)
+                    readers.clear()
+            for request, reader in list(readers.items()):
+                for event in request.pop_events():
+                    reader.put(event)
+                if request.done:
+                    del readers[request]
+
+    @staticmethod
+    def _apply(engine: Engine, readers: dict, kind: str, payload) -> None:
+        if kind == "submit":
+            prompt, params, reader = payload
+            try:
+                request = engine.submit(prompt, params)
+            except Exception as exc:  # a prompt the engine refuses: the caller raises it
+                reader.put(exc)
+                return
+            reader.put(request)
+            readers[request] = reader
+        elif not payload.done:  # cancel
+            engine.cancel(payload)
+            readers.pop(payload, None)

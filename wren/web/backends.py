@@ -16,7 +16,7 @@ from wren.errors import WrenError
 from wren.infer.thinking import ThinkingStream, opens_thinking
 
 if TYPE_CHECKING:
-    from wren.infer.shared import SharedEngine
+    from wren.infer.shared import EngineThread, SharedEngine
 
 Message = dict[str, str]
 
@@ -86,7 +86,7 @@ class LocalBackend:
     """A model in this process. Closing the stream early (Stop) closes the engine's iterator,
     which cancels the request and frees its slot."""
 
-    def __init__(self, engine: SharedEngine, description: str) -> None:
+    def __init__(self, engine: SharedEngine | EngineThread, description: str) -> None:
         self.engine = engine
         self.description = description
 
