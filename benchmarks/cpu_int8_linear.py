@@ -31,7 +31,7 @@ import wren.model.quant
 from wren.checkpoint import load_model
 from wren.eval.perplexity import evaluate_perplexity
 from wren.model.linear import linear
-from wren.model.quant import CPU_INT8_MATMUL, Int8Linear, int8_activation_products, quantize_int8
+from wren.model.quant import INT8_ACTIVATION_MIN_MACS, Int8Linear, int8_activation_products, quantize_int8
 from wren.tokenizer import Tokenizer
 
 # (output, input) features of the small preset's layers: q/o, k/v, gate/up, down.
@@ -72,8 +72,6 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", help='{"text"} JSONL to score the checkpoint on')
     parser.add_argument("--limit", type=int, default=200, help="documents scored")
     args = parser.parse_args()
-    if not CPU_INT8_MATMUL:
-        raise SystemExit("this PyTorch build has no int8 matrix product on the CPU (torch._int_mm)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -125,11 +123,13 @@ def score(checkpoint: str, data: list[str], limit: int) -> None:
     result = evaluate_perplexity(model, tokenizer, data, limit=limit)
     print(f"| float32 | float32 | {result.bits_per_byte:.4f} |")
     quantize_int8(model)
-    for name, int8_rows in (("bfloat16", False), ("int8, one scale per row", True)):
-        wren.model.quant.CPU_INT8_MATMUL = int8_rows  # which route a product of many rows takes
+    # The threshold picks the route for products of many rows: never (bf16 rows), or as shipped.
+    routes = (("bfloat16", float("inf")), ("int8, one scale per row", INT8_ACTIVATION_MIN_MACS))
+    for name, threshold in routes:
+        wren.model.quant.INT8_ACTIVATION_MIN_MACS = threshold
         result = evaluate_perplexity(model, tokenizer, data, limit=limit)
         print(f"| int8 | {name} | {result.bits_per_byte:.4f} |")
-    wren.model.quant.CPU_INT8_MATMUL = CPU_INT8_MATMUL
+    wren.model.quant.INT8_ACTIVATION_MIN_MACS = INT8_ACTIVATION_MIN_MACS
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from wren.infer.engine import Engine
 from wren.infer.load import choose_backend, load_engine
 from wren.infer.sampling import SamplingParams
 from wren.model.quant import (
-    CPU_INT8_MATMUL,
     INT8_ACTIVATION_MIN_MACS,
     Int4Linear,
     Int8Linear,
@@ -61,7 +60,6 @@ def logits(model, engine) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.skipif(not CPU_INT8_MATMUL, reason="this PyTorch has no int8 matrix product on the CPU")
 def test_int8_products_quantise_the_activations_of_many_rows():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 200)

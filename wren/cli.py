@@ -434,7 +434,7 @@ def _cmd_web(args: argparse.Namespace) -> None:
     else:
         from wren.infer.shared import EngineThread
 
-        # Built and stepped on one thread of its own, not the page's worker threads (see there).
+        # Built and stepped on one thread of its own, not the page's worker threads (wren.infer.shared).
         engine = EngineThread(lambda: open_engine(args, max_batch_size=args.max_batch_size))
         backend = LocalBackend(engine, args.model)
     launch(backend, host=args.host, port=args.port)

@@ -1,11 +1,16 @@
 """One engine shared by many threads: LangChain's `batch`, a web page's request handlers.
 
-`SharedEngine` wraps an engine the caller built; `EngineThread` builds and steps one on a thread
-of its own (see its docstring for why a web page wants that).
+The engine itself is single-threaded. `SharedEngine` wraps one the caller built and guards it
+with a lock: whichever caller holds the lock steps the engine for everyone, and each step advances
+every running request, so callers in different threads still share one continuous batch.
 
-The engine itself is single-threaded. `SharedEngine` guards it with a lock, and whichever caller
-holds the lock steps the engine for everyone: each step advances every running request, so
-callers in different threads still share one continuous batch without a thread of their own.
+`EngineThread` instead builds an engine and steps it on a thread of its own (`start_engine_thread`,
+which the server's engine thread uses too), so that one thread runs all of its PyTorch work. With
+OpenMP (PyTorch's CPU threads) each thread that runs parallel work keeps its own team of worker
+threads; once two teams exist on a machine with no spare cores, the workers sleep between parallel
+operations and each operation waits for them to wake. A model loaded on the main thread and
+stepped from other threads decoded about half as fast (benchmarks/engine_threads.py;
+benchmarks/RESULTS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -20,7 +25,42 @@ from wren.infer.request import Event, Request, Result
 from wren.infer.sampling import SamplingParams
 
 
-class SharedEngine:
+def start_engine_thread(
+    load: Callable[[], Engine], run: Callable[[Engine], None]
+) -> tuple[threading.Thread, Future[Engine]]:
+    """Start a thread that builds an engine with `load` and then calls `run(engine)`. Returns the
+    thread and a future of the engine, which raises what building it raised."""
+    built: Future[Engine] = Future()
+
+    def main() -> None:
+        try:
+            engine = load()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(engine)
+        run(engine)
+
+    thread = threading.Thread(target=main, name="wren-engine", daemon=True)
+    thread.start()
+    return thread, built
+
+
+class _Streams:
+    """`complete` for anything with SharedEngine's `run`."""
+
+    def run(self, prompt: Prompt, params: SamplingParams) -> Iterator[Event]:
+        raise NotImplementedError
+
+    def complete(self, prompt: Prompt, params: SamplingParams) -> Result:
+        """Run `prompt` to the end and return its result."""
+        for event in self.run(prompt, params):
+            if isinstance(event, Result):
+                return event
+        raise AssertionError("a request's events always end with its Result")
+
+
+class SharedEngine(_Streams):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._lock = threading.Lock()
@@ -45,35 +85,16 @@ class SharedEngine:
                 with self._lock:
                     self.engine.cancel(request)
 
-    def complete(self, prompt: Prompt, params: SamplingParams) -> Result:
-        """Run `prompt` to the end and return its result."""
-        for event in self.run(prompt, params):
-            if isinstance(event, Result):
-                return event
-        raise AssertionError("a request's events always end with its Result")
 
-
-class EngineThread:
-    """An engine built and stepped on one thread of its own, for callers in other threads (a web
-    page's handlers), with SharedEngine's `run` and `complete`.
-
-    SharedEngine steps on whichever caller holds its lock. That is right for an engine the caller
-    built and mostly drives from its own thread (LangChain's `invoke`), but a page's handlers run
-    on worker threads, and with OpenMP each thread that runs parallel work keeps its own team of
-    workers: once two teams exist on a machine with no spare cores, the workers sleep between
-    parallel operations and each operation waits for them to wake (see wren.serve.driver, which
-    builds the server's engine on its engine thread for the same reason). Here one thread loads
-    the model and runs every step; callers only exchange requests and events with it.
-    """
+class EngineThread(_Streams):
+    """An engine built and stepped on one thread of its own (see the module docstring), for
+    callers in other threads (a web page's handlers), with SharedEngine's `run` and `complete`.
+    Callers only exchange requests and events with that thread."""
 
     def __init__(self, load: Callable[[], Engine]) -> None:
         """Start the thread and build the engine there with `load`; raises what building raised."""
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        built: Future[Engine] = Future()
-        self._thread = threading.Thread(
-            target=self._main, args=(load, built), name="wren-engine", daemon=True
-        )
-        self._thread.start()
+        self._thread, built = start_engine_thread(load, self._serve)
         self.engine = built.result()
 
     def run(self, prompt: Prompt, params: SamplingParams) -> Iterator[Event]:
@@ -98,20 +119,7 @@ class EngineThread:
             if not finished:
                 self._inbox.put(("cancel", request))
 
-    def complete(self, prompt: Prompt, params: SamplingParams) -> Result:
-        """Run `prompt` to the end and return its result."""
-        for event in self.run(prompt, params):
-            if isinstance(event, Result):
-                return event
-        raise AssertionError("a request's events always end with its Result")
-
-    def _main(self, load: Callable[[], Engine], built: Future[Engine]) -> None:
-        try:
-            engine = load()
-        except BaseException as exc:
-            built.set_exception(exc)
-            return
-        built.set_result(engine)
+    def _serve(self, engine: Engine) -> None:
         readers: dict[Request, queue.SimpleQueue[object]] = {}
         while True:
             # Wait for a command when there is nothing to step; otherwise take what has come.

@@ -39,20 +39,8 @@ _CPU_INT4_ROWS = 16  # the CPU int4 kernel wants the output size in multiples of
 _ROUTERS = (".mlp.gate", ".mlp.shared_expert_gate")  # MoE routing layers: int8 even at 4 bits
 # Size (rows x in x out) from which a CPU int8 product quantises its activations (see above):
 # the break-even measured on the small preset's shapes (512 x 512 from 31 rows, 1408 x 512 from
-# about 12).
+# about 12). `torch._int_mm` has had a CPU kernel since PyTorch 2.3; we need 2.5.
 INT8_ACTIVATION_MIN_MACS = 8_000_000
-
-
-def _cpu_int8_matmul_works() -> bool:
-    """Whether this PyTorch multiplies int8 by int8 on the CPU (older builds raise)."""
-    try:
-        a = torch.ones(32, 32, dtype=torch.int8)
-        return bool(torch._int_mm(a, a.t()).eq(32).all())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-CPU_INT8_MATMUL = _cpu_int8_matmul_works()
 
 
 class Int8Linear(nn.Module):
@@ -75,7 +63,7 @@ class Int8Linear(nn.Module):
             out = row_products(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         elif x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features)
-            if CPU_INT8_MATMUL and flat.numel() * self.out_features >= INT8_ACTIVATION_MIN_MACS:
+            if flat.numel() * self.out_features >= INT8_ACTIVATION_MIN_MACS:
                 out = int8_activation_products(flat, self.weight_int8, self.scale)
             else:
                 bf16 = flat.to(torch.bfloat16)

@@ -6,12 +6,10 @@ events to the loop with one `call_soon_threadsafe` per step. When there is nothi
 blocks on the queue instead of spinning. The event loop side sees a `Generation`: the engine
 requests of one HTTP request (one per choice) and an asyncio queue of their events.
 
-The engine thread also builds the engine, so that it is the only thread of the server that runs
-PyTorch. With OpenMP (PyTorch's CPU threads) each thread that runs parallel work keeps its own
-team of worker threads; once two teams exist on a machine with no spare cores, the workers stop
-spinning between parallel regions and sleep, and waking them costs tens of microseconds per
-region. With the model loaded on the main thread, one client's int8 stream ran at 97 tokens/s on
-2 cores, against 176 (benchmarks/RESULTS.md, "Serving").
+The engine thread also builds the engine (wren.infer.shared.start_engine_thread), so that it is
+the only thread of the server that runs PyTorch: with the model loaded on the main thread,
+OpenMP's worker threads slept between operations (see wren.infer.shared), and one client's int8
+stream ran at 97 tokens/s on 2 cores, against 176 (benchmarks/RESULTS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +28,7 @@ from wren.errors import WrenError
 from wren.infer.engine import Engine
 from wren.infer.request import Event, Request, Result
 from wren.infer.sampling import SamplingParams
+from wren.infer.shared import start_engine_thread
 
 logger = logging.getLogger("wren.serve")
 
@@ -131,10 +129,9 @@ class EngineDriver:
     def launch(self) -> Engine:
         """Start the engine thread and build the engine there; return it once built, or raise
         what building it raised."""
-        built: Future[Engine] = Future()
-        self._thread = threading.Thread(target=self._main, args=(built,), name="wren-engine", daemon=True)
-        self._thread.start()
-        return built.result()
+        self._thread, built = start_engine_thread(self._load, self._serve)
+        self.engine = built.result()
+        return self.engine
 
     def start(self) -> None:
         """Connect the running event loop, which will read the events; after `launch()`."""
@@ -165,13 +162,8 @@ class EngineDriver:
 
     # -- engine thread ------------------------------------------------------------------------
 
-    def _main(self, built: Future[Engine]) -> None:
-        try:
-            self.engine = self._load()
-        except BaseException as exc:
-            built.set_exception(exc)
-            return
-        built.set_result(self.engine)
+    def _serve(self, engine: Engine) -> None:
+        self.engine = engine  # _run reads it, and launch() may not have set it yet
         self._run()
 
     def _run(self) -> None:
