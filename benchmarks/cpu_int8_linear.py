@@ -1,7 +1,8 @@
 """Int8 linear layers on the CPU, by rows: PyTorch's weight-only kernel with bfloat16 activations
-(`_weight_int8pack_mm`) against int8 activations times int8 weights (`torch._int_mm`, what
-wren.model.quant runs from INT8_ACTIVATION_MIN_ROWS rows), with the float32 product (oneDNN, as
-wren.model.linear runs it) for scale. Prints a Markdown table.
+(`_weight_int8pack_mm`) against int8 activations times int8 weights, by oneDNN (`torch._int_mm`,
+what wren.model.quant runs from INT8_ACTIVATION_MIN_MACS multiply-adds) and by Wren's own kernel
+(wren.kernels, what it runs below that, where the kernel builds), with the float32 product
+(oneDNN, as wren.model.linear runs it) for scale. Prints a Markdown table.
 
     python benchmarks/cpu_int8_linear.py                   # the small preset's shapes, 1 to 256 rows
     python benchmarks/cpu_int8_linear.py --rows 31 --threads 2
@@ -11,6 +12,7 @@ reads its weight from memory, as a model's layers do; the routines alternate, ro
 medians are reported. The error columns compare each int8 route with the float32 product by the
 same dequantised weight, so they show what rounding the activations costs (to bfloat16, or to
 int8 with one scale per row), relative to the largest output; the activations are Gaussian.
+Wren's kernel gives the same result as oneDNN's int8 product, bit for bit (tests/test_kernels.py).
 
 With --checkpoint and --data it also scores a trained model's bits per byte on {"text"} JSONL
 (as `wren eval ppl` does; every product there has many rows) in float32 and with int8 weights,
@@ -22,12 +24,14 @@ the activations rounded to bfloat16 or to int8:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 
 import wren.model.quant
+from wren import kernels
 from wren.checkpoint import load_model
 from wren.eval.perplexity import evaluate_perplexity
 from wren.model.linear import linear
@@ -44,6 +48,10 @@ def bfloat16_activations(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
 
 def int8_activations(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     return int8_activation_products(x, layer.weight_int8, layer.scale)
+
+
+def wren_kernel(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    return kernels.int8_linear(x, layer.weight_int8, layer.scale)
 
 
 def float32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -77,10 +85,11 @@ def main() -> None:
 
     print(f"# int8 linear, forward, CPU, {args.threads} threads, median of {args.rounds} rounds")
     print(
-        "\n| rows | out × in | float32 µs | int8 × bf16 µs | int8 × int8 µs | int8 × int8 speed-up "
-        "| bf16 activations: max rel. diff | int8 activations: max rel. diff |"
+        "\n| rows | out × in | float32 µs | int8 × bf16 µs | int8 × int8 (oneDNN) µs "
+        "| int8 × int8 (Wren) µs | bf16 activations: max rel. diff | int8 activations: max rel. diff |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    ours = kernels.int8_linear_ready()
     for out_features, in_features in SHAPES:
         count = max(4, (64 << 20) // (4 * out_features * in_features))
         floats = [torch.randn(out_features, in_features) / in_features**0.5 for _ in range(count)]
@@ -90,6 +99,8 @@ def main() -> None:
             "bf16": (bfloat16_activations, layers),
             "int8": (int8_activations, layers),
         }
+        if ours:
+            routes["wren"] = (wren_kernel, layers)
         for rows in args.rows:
             x = torch.randn(rows, in_features)
             times: dict[str, list[float]] = {name: [] for name in routes}
@@ -104,10 +115,11 @@ def main() -> None:
                     ((product(x, layers[0]) - expected).abs().max() / expected.abs().max()).item()
                     for product in (bfloat16_activations, int8_activations)
                 ]
+            wren_time = f"{medians['wren'] * 1e6:.0f}" if ours else "–"
             print(
                 f"| {rows} | {out_features} × {in_features} | {medians['float32'] * 1e6:.0f} "
-                f"| {medians['bf16'] * 1e6:.0f} | {medians['int8'] * 1e6:.0f} "
-                f"| {medians['bf16'] / medians['int8']:.2f}× | {errors[0]:.1e} | {errors[1]:.1e} |"
+                f"| {medians['bf16'] * 1e6:.0f} | {medians['int8'] * 1e6:.0f} | {wren_time} "
+                f"| {errors[0]:.1e} | {errors[1]:.1e} |"
             )
     if args.checkpoint:
         score(args.checkpoint, args.data, args.limit)
@@ -127,7 +139,8 @@ def score(checkpoint: str, data: list[str], limit: int) -> None:
     routes = (("bfloat16", float("inf")), ("int8, one scale per row", INT8_ACTIVATION_MIN_MACS))
     for name, threshold in routes:
         wren.model.quant.INT8_ACTIVATION_MIN_MACS = threshold
-        result = evaluate_perplexity(model, tokenizer, data, limit=limit)
+        with kernels.disabled() if threshold == float("inf") else contextlib.nullcontext():
+            result = evaluate_perplexity(model, tokenizer, data, limit=limit)
         print(f"| int8 | {name} | {result.bits_per_byte:.4f} |")
     wren.model.quant.INT8_ACTIVATION_MIN_MACS = INT8_ACTIVATION_MIN_MACS
 

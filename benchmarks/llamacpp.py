@@ -8,7 +8,8 @@ Needs llama-cpp-python (`make llama-cpp`) and gguf. The model is a randomly init
 (speed does not depend on the weights' values) with the demo tokenizer, saved as a checkpoint and
 exported with `wren export gguf`. Each run decodes greedily past any end-of-sequence token; tokens/s
 counts generated tokens over the whole request, prefill included, as in benchmarks/decode.py.
-llama.cpp gets the same thread count as torch.
+llama.cpp gets the same thread count as torch. Where Wren's int8 CPU kernel builds
+(wren.kernels), int8 runs both with it and on PyTorch's kernels alone.
 
 Each runtime runs in its own worker process, as it would in use: in one process, one library's
 threads (OpenMP's, ggml's) may still spin or hold the cores when the other starts. The parent
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -30,12 +32,16 @@ from pathlib import Path
 import torch
 from decode import demo_tokenizer, run
 
+from wren import kernels
 from wren.checkpoint import load_model, save_checkpoint
 from wren.infer.engine import Engine
 from wren.interop.gguf import export_gguf
 from wren.model import CausalLM, preset_config
 from wren.model.quant import quantize_int8
 from wren.tokenizer import Tokenizer
+
+# int8 weights on PyTorch's kernels alone, for comparison, where Wren's own int8 kernel builds.
+PYTORCH_INT8 = "int8, PyTorch's kernels"
 
 
 def exported_gguf(checkpoint: Path, file_type: str) -> Path:
@@ -75,8 +81,10 @@ def make_runner(checkpoint: Path, runtime: str, weights: str, prompt: list[int],
     if runtime.startswith("llama.cpp"):
         llm = gguf_llama(checkpoint, weights, torch.get_num_threads(), n_ctx=256)
         return lambda: llama_cpp_run(llm, prompt, new_tokens)
+    if weights == PYTORCH_INT8:
+        os.environ["WREN_CPU_KERNELS"] = "0"  # read at the first int8 product of this worker
     model = load_model(checkpoint)
-    if weights == "int8":
+    if weights.startswith("int8"):
         quantize_int8(model)
     engine = Engine(model, Tokenizer.load(checkpoint), max_batch_size=1, compile=runtime.endswith("compiled"))
     return lambda: run(engine, 1, prompt, new_tokens)
@@ -112,10 +120,11 @@ def main() -> None:
     for file_type in ("f32", "q8_0"):  # exported here, once, rather than by two workers at once
         exported_gguf(checkpoint, file_type)
 
+    int8 = ["int8", PYTORCH_INT8] if kernels.int8_linear_ready() else ["int8"]
     keys = [
         (runtime, weights)
         for runtime in ("Wren engine", "Wren engine, compiled")
-        for weights in ("f32", "int8")
+        for weights in ("f32", *int8)
     ] + [("llama.cpp (llama-cpp-python)", file_type) for file_type in ("f32", "q8_0")]
     spawn = multiprocessing.get_context("spawn")
     workers = {}

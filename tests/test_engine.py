@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import wren.model.quant
+from wren import kernels
 from wren.infer.compiled import CompiledDecode, _verified_replay
 from wren.infer.engine import Engine
 from wren.infer.generate import generate_ids
@@ -330,13 +331,43 @@ def test_compiled_int8_decode_with_int8_activations_gives_the_eager_tokens(setup
     prompts = PROMPTS * 2
 
     def run(compile: bool) -> list[list[int]]:
-        engine = Engine(int8_model, tokenizer, max_batch_size=16, compile=compile)
-        results = engine.generate(prompts, params)
+        with kernels.disabled():  # Wren's own kernel would take these few rows (tested below)
+            engine = Engine(int8_model, tokenizer, max_batch_size=16, compile=compile)
+            results = engine.generate(prompts, params)
         assert engine.runner.compiled is None or engine.runner.compiled._replays
         return [r.token_ids for r in results]
 
     torch._dynamo.reset()
     assert run(compile=True) == run(compile=False)
+
+
+def test_compiled_int8_decode_on_wrens_kernel_gives_the_eager_tokens(setup):
+    """With Wren's int8 kernel built, the compiled step calls it for every product (inductor calls
+    it as an opaque op) and still replays; the tokens are the eager engine's, which runs the
+    kernel too."""
+    if not kernels.int8_linear_ready():
+        pytest.skip("Wren's int8 kernel does not build here")
+    model, tokenizer = setup
+    int8_model = copy.deepcopy(model)
+    quantize_int8(int8_model)
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+
+    def run(compile: bool) -> tuple[list[list[int]], int]:
+        engine = Engine(int8_model, tokenizer, max_batch_size=4, compile=compile)
+        with torch.profiler.profile() as profile:
+            results = engine.generate(PROMPTS[:3], params)
+        assert engine.runner.compiled is None or engine.runner.compiled._replays
+        ops = ("wren_cpu::int8_linear", "wren_cpu::int8_linears")
+        calls = sum(event.count for event in profile.key_averages() if event.key in ops)
+        return [r.token_ids for r in results], calls
+
+    torch._dynamo.reset()
+    (compiled, compiled_calls), (eager, eager_calls) = run(compile=True), run(compile=False)
+    assert compiled == eager
+    # Per step, in each of two layers: q, k and v together, o, gate and up together, down; then
+    # the output layer.
+    calls_per_step = 2 * 4 + 1
+    assert compiled_calls >= 30 * calls_per_step and eager_calls >= 30 * calls_per_step
 
 
 def compiled_and_eager_logits(

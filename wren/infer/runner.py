@@ -15,6 +15,7 @@ import torch
 
 from wren.infer.weight_arena import pack_weights
 from wren.model import CausalLM, KVCache
+from wren.model.quant import load_cpu_kernels
 
 
 class Runner(Protocol):
@@ -52,6 +53,7 @@ class NativeRunner:
         self.device = param.device
         if self.device.type == "cpu":
             pack_weights(model)  # decoding streams every weight per token: make the stream fast
+            load_cpu_kernels(model)  # before anything compiles the step (wren.kernels)
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.prefill_chunk = prefill_chunk

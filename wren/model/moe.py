@@ -13,6 +13,7 @@ from torch import nn
 
 from wren.model.config import ModelConfig
 from wren.model.linear import Linear
+from wren.model.quant import apply_linears
 
 
 class SwiGLU(nn.Module):
@@ -23,7 +24,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = apply_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):

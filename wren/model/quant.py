@@ -12,34 +12,47 @@ step reads.
   quality than every other layer together (benchmarks/RESULTS.md). So do MoE routers, whose few
   rows weigh nothing but pick the experts.
 
-On the CPU the products run in PyTorch's weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`) with bfloat16 activations; elsewhere the weight is dequantised
-for each call, which saves memory, not time. Two exceptions for int8 on the CPU:
-- a compiled decode step's product of a row or two is inductor's reduction (wren.model.linear);
-- a product of `INT8_ACTIVATION_MIN_MACS` multiply-adds or more (a prompt, a large batch)
-  quantises its activations too, one symmetric int8 scale per row, and runs int8 by int8 in
-  oneDNN (`torch._int_mm`), as llama.cpp multiplies q8_0 weights by rows it quantises to 8 bits.
-  There the bfloat16 kernel is no faster than a float32 product, and the int8 one 1.2-3.7x faster
-  than the bfloat16 one; below, quantising the rows costs more than it saves
-  (benchmarks/cpu_int8_linear.py). Decoding one stream stays weight-only.
+On the CPU, int8 products take one of three routes, by rows (benchmarks/cpu_int8_linear.py):
+- up to `WREN_KERNEL_MAX_ROWS` rows (decoding, a batch of streams): Wren's own kernel
+  (wren.kernels), which quantises the rows to int8 too, one symmetric scale per row, and sums
+  with the CPU's int8 dot-product instructions: 1.3-4x faster than PyTorch's int8-weight kernel,
+  and a decode step's products no longer convert every weight to float. It is built for the
+  machine on first use; where it cannot be, the next two routes take these rows, and a compiled
+  decode step's product of a row or two is inductor's reduction instead (wren.model.linear);
+- from `INT8_ACTIVATION_MIN_MACS` multiply-adds (a prompt): the same row quantisation, multiplied
+  int8 by int8 in oneDNN (`torch._int_mm`), as llama.cpp multiplies q8_0 weights by rows it
+  quantises to 8 bits; 1.2-3.7x faster than the bfloat16 kernel there;
+- otherwise PyTorch's weight-only kernel (`_weight_int8pack_mm`) with bfloat16 activations,
+  where the input size is a multiple of 16 (it gets others wrong); else oneDNN's int8 route.
+Both int8-row routes give the same result, bit for bit. int4 runs in PyTorch's kernel
+(`_weight_int4pack_mm_for_cpu`) with bfloat16 activations. Elsewhere than the CPU the weight is
+dequantised for each call, which saves memory, not time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wren.model.linear import is_small_cpu_product, row_products
+from wren import kernels
+from wren.model.linear import REDUCTION_MAX_ROWS, is_compiling_for_cpu, row_products
 
 INT8_MAX = 127
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's CPU int4 kernel accepts
 DEFAULT_GROUP_SIZE = 32
 _CPU_INT4_ROWS = 16  # the CPU int4 kernel wants the output size in multiples of this
+_INT8PACK_IN_MULTIPLE = 16  # and the CPU int8 one the input size
 _ROUTERS = (".mlp.gate", ".mlp.shared_expert_gate")  # MoE routing layers: int8 even at 4 bits
-# Size (rows x in x out) from which a CPU int8 product quantises its activations (see above):
-# the break-even measured on the small preset's shapes (512 x 512 from 31 rows, 1408 x 512 from
-# about 12). `torch._int_mm` has had a CPU kernel since PyTorch 2.3; we need 2.5.
+# Rows up to which Wren's kernel multiplies (see above): beyond 16, oneDNN's int8 product gains on
+# it, and from 31 rows of the small preset's larger layers it is faster.
+WREN_KERNEL_MAX_ROWS = 16
+# Size (rows x in x out) from which a larger CPU int8 product quantises its activations for
+# oneDNN: the break-even against the bfloat16 kernel measured on the small preset's shapes
+# (512 x 512 from 31 rows, 1408 x 512 from about 12). `torch._int_mm` has had a CPU kernel since
+# PyTorch 2.3; we need 2.5.
 INT8_ACTIVATION_MIN_MACS = 8_000_000
 
 
@@ -57,25 +70,63 @@ class Int8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_small_cpu_product(x):
-            # Compiled decoding: the int8-to-float conversion fuses into the reduction's loads,
-            # so the weight streams from memory as one byte per entry (see wren.model.linear).
-            out = row_products(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
-        elif x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features)
-            if flat.numel() * self.out_features >= INT8_ACTIVATION_MIN_MACS:
-                out = int8_activation_products(flat, self.weight_int8, self.scale)
-            else:
-                bf16 = flat.to(torch.bfloat16)
-                out = torch.ops.aten._weight_int8pack_mm(bf16, self.weight_int8, self.scale)
-            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
+        if x.device.type != "cpu":
             weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
             out = F.linear(x, weight)
+            return out if self.bias is None else out + self.bias
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.shape[0]
+        if rows <= WREN_KERNEL_MAX_ROWS and _cpu_kernel_ready():
+            out = kernels.int8_linear(flat.float(), self.weight_int8, self.scale)
+        elif rows <= REDUCTION_MAX_ROWS and is_compiling_for_cpu(x):
+            # Compiled decoding: the int8-to-float conversion fuses into the reduction's loads,
+            # so the weight streams from memory as one byte per entry (see wren.model.linear).
+            out = row_products(flat, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        elif (
+            rows * self.in_features * self.out_features >= INT8_ACTIVATION_MIN_MACS
+            # PyTorch's bfloat16 kernel returns garbage, or crashes, for other input sizes (2.13)
+            or self.in_features % _INT8PACK_IN_MULTIPLE
+        ):
+            out = int8_activation_products(flat, self.weight_int8, self.scale)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_int8, self.scale)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def apply_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; for int8 layers that Wren's kernel would run one by one,
+    one call that quantises x once (q, k and v; gate and up): fewer calls per decode step, each
+    of which costs microseconds."""
+    if x.device.type == "cpu" and all(type(layer) is Int8Linear for layer in layers):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= WREN_KERNEL_MAX_ROWS and _cpu_kernel_ready():
+            outs = kernels.int8_linears(
+                flat.float(), [layer.weight_int8 for layer in layers], [layer.scale for layer in layers]
+            )
+            return [
+                _finish(out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype), layer.bias)
+                for out, layer in zip(outs, layers, strict=True)
+            ]
+    return [layer(x) for layer in layers]
+
+
+def _finish(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
+
+
+def _cpu_kernel_ready() -> bool:
+    # Never build while torch.compile traces: the runner loads the kernel first (load_cpu_kernels).
+    return kernels.int8_linear_loaded() if torch.compiler.is_compiling() else kernels.int8_linear_ready()
+
+
+def load_cpu_kernels(model: nn.Module) -> bool:
+    """Build or load Wren's int8 CPU kernel if `model` has int8 layers; whether it is there."""
+    has_int8 = any(isinstance(module, Int8Linear) for module in model.modules())
+    return has_int8 and kernels.int8_linear_ready()
 
 
 def int8_activation_products(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from wren.model.config import ModelConfig
 from wren.model.kv_cache import KVCache
 from wren.model.linear import Linear, is_compiling_for_cpu
 from wren.model.moe import Experts, MoE, SwiGLU
+from wren.model.quant import apply_linears
 from wren.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -62,12 +63,13 @@ class Attention(nn.Module):
         cache: CacheWrite | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k, v = apply_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.cache.update(self.layer, cache.positions, k, v, cache.span, cache.rows)
