@@ -15,7 +15,7 @@ step reads.
 On the CPU, int8 products take one of three routes, by rows (benchmarks/cpu_int8_linear.py):
 - up to `WREN_KERNEL_MAX_ROWS` rows (decoding, a batch of streams): Wren's own kernel
   (wren.kernels), which quantises the rows to int8 too, one symmetric scale per row, and sums
-  with the CPU's int8 dot-product instructions: 1.3-4x faster than PyTorch's int8-weight kernel,
+  with the CPU's int8 dot-product instructions: 1.6-2.4x faster than PyTorch's int8-weight kernel,
   and a decode step's products no longer convert every weight to float. It is built for the
   machine on first use; where it cannot be, the next two routes take these rows, and a compiled
   decode step's product of a row or two is inductor's reduction instead (wren.model.linear);
