@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,13 +33,16 @@ INT8_LINEAR_SOURCE = Path(__file__).with_name("int8_linear.cpp")
 _VNNI = {"__AVX512VNNI__", "__AVX512BW__"}
 
 _int8_linear_ready: bool | None = None  # None: not tried in this process yet
+_loading = threading.Lock()  # one thread builds and loads; another asking meanwhile waits
 
 
 def int8_linear_ready() -> bool:
     """Whether `int8_linear` can run here; the first call builds or loads the kernel."""
     global _int8_linear_ready
     if _int8_linear_ready is None:
-        _int8_linear_ready = _load_int8_linear()
+        with _loading:
+            if _int8_linear_ready is None:
+                _int8_linear_ready = _load_int8_linear()
     return _int8_linear_ready
 
 
