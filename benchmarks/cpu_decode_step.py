@@ -15,10 +15,7 @@ copy of the same randomly initialised model with its own cache and compiled step
 - "packed + rotary table, guards skipped": the same, skipping the guards once a bucket has been
   checked;
 - "packed + rotary table, replayed": calling inductor's compiled graph directly once a bucket has
-  been recorded: the default (wren.infer.compiled);
-- with int8 weights and Wren's int8 kernel built (wren.kernels), every variant above multiplies
-  with it, and "replayed, PyTorch's int8 kernels" is the default step without it (inductor's
-  reduction over the int8 weights); the prefill is timed both ways too.
+  been recorded: the default (wren.infer.compiled).
 With llama-cpp-python installed, llama.cpp's step on the same weights (GGUF f32 or q8_0, same
 context) is timed too. A second table times one prefill of `--prefill` prompt tokens, as the
 engine runs it (eager, filling the cache, no logits), and llama.cpp's. Variants are interleaved
@@ -28,7 +25,6 @@ and medians reported, since the machine may be shared and its bandwidth drifts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.util
 import statistics
@@ -40,7 +36,6 @@ import torch
 from decode import demo_tokenizer
 from llamacpp import gguf_llama
 
-from wren import kernels
 from wren.checkpoint import save_checkpoint
 from wren.infer.compiled import CompiledDecode
 from wren.infer.weight_arena import pack_weights
@@ -117,12 +112,6 @@ def main() -> None:
         ),
         "packed + rotary table, replayed": compiled_step(model, True, True, max_len, args.quantize),
     }
-    # Compiled (and recorded) without Wren's kernel: the flag is read while tracing, not on replay.
-    without_kernel = set()
-    if args.quantize and kernels.int8_linear_ready():
-        name = "replayed, PyTorch's int8 kernels"
-        variants[name] = compiled_step(model, True, True, max_len, args.quantize)
-        without_kernel.add(name)
     steps = {name: (lambda p, d=d: d([0], [5], [p])) for name, d in variants.items()}
     seeks = {name: lambda context: None for name in variants}  # the cache holds every position
     llama = llama_cpp_step(model, "q8_0" if args.quantize else "f32", max_len)
@@ -136,29 +125,15 @@ def main() -> None:
             prompt, positions=torch.arange(args.prefill)[None], cache=wren_now.cache, logits_to_keep=0
         )
     }
-    if without_kernel:
-        pytorch_now = variants["replayed, PyTorch's int8 kernels"]
-
-        def pytorch_prefill() -> None:
-            with kernels.disabled():
-                pytorch_now.model(
-                    prompt,
-                    positions=torch.arange(args.prefill)[None],
-                    cache=pytorch_now.cache,
-                    logits_to_keep=0,
-                )
-
-        prefills["Wren (packed), PyTorch's int8 kernels"] = pytorch_prefill
     if llama is not None:
         prefills["llama.cpp"] = lambda: (llama[0](0), llama[0](args.prefill))
     nbytes = weight_bytes(variants["as loaded"].model)
     stream = torch.zeros(nbytes // 4)
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
-        for name, step in steps.items():  # compile, and fill every position of the caches
-            with kernels.disabled() if name in without_kernel else contextlib.nullcontext():
-                for position in range(max_len - 1):
-                    step(position)
+        for step in steps.values():  # compile, and fill every position of the caches
+            for position in range(max_len - 1):
+                step(position)
         for _ in range(args.rounds):
             for context in args.contexts:
                 for name, step in steps.items():

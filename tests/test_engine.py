@@ -342,9 +342,10 @@ def test_compiled_int8_decode_with_int8_activations_gives_the_eager_tokens(setup
 
 
 def test_compiled_int8_decode_on_wrens_kernel_gives_the_eager_tokens(setup):
-    """With Wren's int8 kernel built, the compiled step calls it for every product (inductor calls
-    it as an opaque op) and still replays; the tokens are the eager engine's, which runs the
-    kernel too."""
+    """With Wren's int8 kernel built, a compiled step of a batch (three streams, a bucket of four
+    rows) calls it for every product (inductor calls it as an opaque op) and still replays; the
+    tokens are the eager engine's, which runs the kernel too. (One or two rows compile to
+    inductor's reduction instead, as without the kernel.)"""
     if not kernels.int8_linear_ready():
         pytest.skip("Wren's int8 kernel does not build here")
     model, tokenizer = setup

@@ -15,10 +15,10 @@ step reads.
 On the CPU, int8 products take one of three routes, by rows (benchmarks/cpu_int8_linear.py):
 - up to `WREN_KERNEL_MAX_ROWS` rows (decoding, a batch of streams): Wren's own kernel
   (wren.kernels), which quantises the rows to int8 too, one symmetric scale per row, and sums
-  with the CPU's int8 dot-product instructions: 1.6-2.4x faster than PyTorch's int8-weight kernel,
-  and a decode step's products no longer convert every weight to float. It is built for the
-  machine on first use; where it cannot be, the next two routes take these rows, and a compiled
-  decode step's product of a row or two is inductor's reduction instead (wren.model.linear);
+  with the CPU's int8 dot-product instructions: 1.6-2.4x faster than PyTorch's int8-weight kernel.
+  It is built for the machine on first use; where it cannot be, the next two routes take these
+  rows. A compiled decode step's product of a row or two is inductor's reduction either way
+  (wren.model.linear): fused with the ops around it, it is level with the kernel or faster;
 - from `INT8_ACTIVATION_MIN_MACS` multiply-adds (a prompt): the same row quantisation, multiplied
   int8 by int8 in oneDNN (`torch._int_mm`), as llama.cpp multiplies q8_0 weights by rows it
   quantises to 8 bits; 1.2-3.7x faster than the bfloat16 kernel there;
@@ -76,7 +76,7 @@ class Int8Linear(nn.Module):
             return out if self.bias is None else out + self.bias
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if rows <= WREN_KERNEL_MAX_ROWS and _cpu_kernel_ready():
+        if _on_wren_kernel(rows):
             out = kernels.int8_linear(flat.float(), self.weight_int8, self.scale)
         elif rows <= REDUCTION_MAX_ROWS and is_compiling_for_cpu(x):
             # Compiled decoding: the int8-to-float conversion fuses into the reduction's loads,
@@ -103,7 +103,7 @@ def apply_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Te
     of which costs microseconds."""
     if x.device.type == "cpu" and all(type(layer) is Int8Linear for layer in layers):
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= WREN_KERNEL_MAX_ROWS and _cpu_kernel_ready():
+        if _on_wren_kernel(flat.shape[0]):
             outs = kernels.int8_linears(
                 flat.float(), [layer.weight_int8 for layer in layers], [layer.scale for layer in layers]
             )
@@ -118,9 +118,16 @@ def _finish(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out + bias
 
 
-def _cpu_kernel_ready() -> bool:
-    # Never build while torch.compile traces: the runner loads the kernel first (load_cpu_kernels).
-    return kernels.int8_linear_loaded() if torch.compiler.is_compiling() else kernels.int8_linear_ready()
+def _on_wren_kernel(rows: int) -> bool:
+    """Whether a CPU int8 product of `rows` rows runs on Wren's kernel."""
+    if rows > WREN_KERNEL_MAX_ROWS:
+        return False
+    if torch.compiler.is_compiling():
+        # A compiled step's product of a row or two stays inductor's reduction: fused into the
+        # kernels around it, it is level with a call out to ours or faster (RESULTS.md). Never
+        # build while tracing: the runner loads the kernel first (load_cpu_kernels).
+        return rows > REDUCTION_MAX_ROWS and kernels.int8_linear_loaded()
+    return kernels.int8_linear_ready()
 
 
 def load_cpu_kernels(model: nn.Module) -> bool:
