@@ -78,13 +78,9 @@ def int8_linears(
     return torch.ops.wren_cpu.int8_linears(x, list(weights), list(scales))
 
 
-def int8_instruction_set(macros: set[str]) -> str | None:
-    """The int8 path int8_linear.cpp compiles to under these predefined macros, if any."""
-    if macros >= _VNNI:
-        return "avx512-vnni"
-    if "__AVX2__" in macros:
-        return "avx2"
-    return None
+def _has_int8_dot_products(macros: set[str]) -> bool:
+    """Whether int8_linear.cpp has a path for a target with these predefined macros."""
+    return macros >= _VNNI or "__AVX2__" in macros
 
 
 def _load_int8_linear() -> bool:
@@ -94,7 +90,7 @@ def _load_int8_linear() -> bool:
         return False
     march = os.environ.get("WREN_CPU_KERNEL_MARCH", "native")
     try:
-        if int8_instruction_set(native_macros(compiler(), march)) is None:
+        if not _has_int8_dot_products(native_macros(compiler(), march)):
             return False  # no int8 dot products to use: PyTorch's kernels are as good
         build_and_load(INT8_LINEAR_SOURCE, march)
     except (BuildError, OSError, RuntimeError, subprocess.SubprocessError) as exc:

@@ -74,6 +74,16 @@ class Int8Linear(nn.Module):
             weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]
             out = F.linear(x, weight)
             return out if self.bias is None else out + self.bias
+        return self.output(self._cpu_products(x), x)
+
+    def output(self, products: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for input `x` from its products (rows, out_features), any float dtype:
+        shaped as x, in x's dtype, with the bias."""
+        out = products.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def _cpu_products(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows times the weight, by the route for their number (see the module docstring)."""
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
         if _on_wren_kernel(rows):
@@ -90,8 +100,7 @@ class Int8Linear(nn.Module):
             out = int8_activation_products(flat, self.weight_int8, self.scale)
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_int8, self.scale)
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out if self.bias is None else out + self.bias
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -107,15 +116,8 @@ def apply_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Te
             outs = kernels.int8_linears(
                 flat.float(), [layer.weight_int8 for layer in layers], [layer.scale for layer in layers]
             )
-            return [
-                _finish(out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype), layer.bias)
-                for out, layer in zip(outs, layers, strict=True)
-            ]
+            return [layer.output(out, x) for out, layer in zip(outs, layers, strict=True)]
     return [layer(x) for layer in layers]
-
-
-def _finish(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias
 
 
 def _on_wren_kernel(rows: int) -> bool:
